@@ -1,0 +1,473 @@
+//! Allocator options in PyTorch's configuration syntax, and the named policies.
+//!
+//! A PyTorch user's `PYTORCH_CUDA_ALLOC_CONF` carries over unchanged into `GPUMEM_ALLOC_CONF`:
+//! `max_split_size_mb:128,roundup_power2_divisions:[64:8,>:4],expandable_segments:True`.
+//! Unknown keys and bad values are errors that name the key, never silently ignored.
+
+use crate::size::{LARGE_BUFFER, SMALL_BUFFER};
+use std::fmt;
+
+/// The environment variable that holds allocator options.
+pub const ENV_VAR: &str = "GPUMEM_ALLOC_CONF";
+
+/// The number of power-of-two intervals for `roundup_power2_divisions` (1 MiB .. 64 GiB).
+pub const ROUNDUP_INTERVALS: usize = 16;
+
+/// A malformed option string.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid allocator option: {0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The options of PyTorch's caching allocator that change what it does with device memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AllocatorConfig {
+    /// Blocks this large or larger are never split (`max_split_size_mb`); `u64::MAX` means
+    /// no limit, PyTorch's default.
+    pub max_split_size: u64,
+    /// How much larger than the request an unsplittable block may be and still be used
+    /// (`max_non_split_rounding_mb`, default 20 MiB).
+    pub max_non_split_rounding_size: u64,
+    /// Fraction of the allowed memory above which old cached blocks are freed
+    /// (`garbage_collection_threshold`); 0 disables it. Needs a memory fraction.
+    pub garbage_collection_threshold: f64,
+    /// Divisions per power-of-two interval, from 1 MiB up (`roundup_power2_divisions`).
+    pub roundup_power2_divisions: [u64; ROUNDUP_INTERVALS],
+    /// Grow segments by mapping pages instead of allocating new ones (`expandable_segments`).
+    pub expandable_segments: bool,
+    /// The segment for requests of 1-10 MiB, and the page of expandable large segments
+    /// (`large_segment_size_mb`, default 20 MiB).
+    pub large_segment_size: u64,
+    /// A cap on reserved memory as a fraction of the device (`per_process_memory_fraction`).
+    pub per_process_memory_fraction: Option<f64>,
+    /// Keys PyTorch accepts that concern things gpumem does not manage (pinned host memory,
+    /// CUDA graphs); they are checked and kept, and change nothing here.
+    pub inert: Vec<(String, String)>,
+    /// The option string this was parsed from.
+    pub source: String,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        AllocatorConfig {
+            max_split_size: u64::MAX,
+            max_non_split_rounding_size: LARGE_BUFFER,
+            garbage_collection_threshold: 0.0,
+            roundup_power2_divisions: [0; ROUNDUP_INTERVALS],
+            expandable_segments: false,
+            large_segment_size: LARGE_BUFFER,
+            per_process_memory_fraction: None,
+            inert: Vec::new(),
+            source: String::new(),
+        }
+    }
+}
+
+fn tokenize(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for c in s.chars() {
+        match c {
+            ',' | ':' | '[' | ']' => {
+                if !cur.trim().is_empty() {
+                    out.push(cur.trim().to_string());
+                }
+                cur.clear();
+                out.push(c.to_string());
+            }
+            c if c.is_whitespace() => {}
+            c => cur.push(c),
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+struct Tokens {
+    t: Vec<String>,
+    i: usize,
+}
+
+impl Tokens {
+    fn next(&mut self, what: &str) -> Result<String, ConfigError> {
+        let tok = self.t.get(self.i).cloned();
+        self.i += 1;
+        tok.ok_or_else(|| ConfigError(format!("expected {what} at the end")))
+    }
+    fn expect(&mut self, sep: &str, key: &str) -> Result<(), ConfigError> {
+        let tok = self.next(sep)?;
+        if tok != sep {
+            return err(format!("expected '{sep}' after '{key}', found '{tok}'"));
+        }
+        Ok(())
+    }
+    fn peek(&self) -> Option<&str> {
+        self.t.get(self.i).map(|s| s.as_str())
+    }
+}
+
+fn parse_u64(key: &str, v: &str) -> Result<u64, ConfigError> {
+    v.parse::<u64>()
+        .or_else(|_| err(format!("{key} needs a non-negative integer, not '{v}'")))
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "True" => Ok(true),
+        "False" => Ok(false),
+        _ => err(format!("{key} must be True or False (exactly), not '{v}'")),
+    }
+}
+
+fn parse_f64(key: &str, v: &str) -> Result<f64, ConfigError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| ConfigError(format!("{key} needs a number, not '{v}'")))
+}
+
+fn check_divisions(v: u64) -> Result<u64, ConfigError> {
+    if v != 0 && !v.is_power_of_two() {
+        return err(format!(
+            "roundup_power2_divisions: the divisions must be a power of 2 (or 0), not {v}"
+        ));
+    }
+    Ok(v)
+}
+
+impl AllocatorConfig {
+    /// Parses options in PyTorch's syntax, such as
+    /// `max_split_size_mb:128,roundup_power2_divisions:[256:4,>:8]`.
+    ///
+    /// ```
+    /// let c = gpumem::AllocatorConfig::parse("max_split_size_mb:128,expandable_segments:True").unwrap();
+    /// assert_eq!(c.max_split_size, 128 << 20);
+    /// assert!(c.expandable_segments);
+    /// assert!(gpumem::AllocatorConfig::parse("max_split_mb:128").is_err());
+    /// ```
+    pub fn parse(s: &str) -> Result<AllocatorConfig, ConfigError> {
+        let mut c = AllocatorConfig { source: s.to_string(), ..Default::default() };
+        let mut t = Tokens { t: tokenize(s), i: 0 };
+        while let Some(key) = t.peek().map(str::to_string) {
+            t.i += 1;
+            if key == "," {
+                continue;
+            }
+            t.expect(":", &key)?;
+            c.apply(&key, &mut t)?;
+            match t.peek() {
+                None | Some(",") => {}
+                Some(other) => return err(format!("unexpected '{other}' after the value of {key}")),
+            }
+        }
+        Ok(c)
+    }
+
+    /// Reads options from `GPUMEM_ALLOC_CONF` (empty when unset).
+    pub fn from_env() -> Result<AllocatorConfig, ConfigError> {
+        match std::env::var(ENV_VAR) {
+            Ok(s) => AllocatorConfig::parse(&s).map_err(|e| ConfigError(format!("{ENV_VAR}: {}", e.0))),
+            Err(_) => Ok(AllocatorConfig::default()),
+        }
+    }
+
+    fn apply(&mut self, key: &str, t: &mut Tokens) -> Result<(), ConfigError> {
+        const MB: u64 = 1 << 20;
+        match key {
+            "max_split_size_mb" => {
+                let v = parse_u64(key, &t.next(key)?)?;
+                if v < LARGE_BUFFER / MB {
+                    return err(format!("max_split_size_mb too small, must be >= {}", LARGE_BUFFER / MB));
+                }
+                self.max_split_size = v.saturating_mul(MB);
+            }
+            "max_non_split_rounding_mb" => {
+                let v = parse_u64(key, &t.next(key)?)?;
+                if v < LARGE_BUFFER / MB {
+                    return err(format!("max_non_split_rounding_mb too small, must be >= {}", LARGE_BUFFER / MB));
+                }
+                self.max_non_split_rounding_size = v.saturating_mul(MB);
+            }
+            "garbage_collection_threshold" => {
+                let v = parse_f64(key, &t.next(key)?)?;
+                if !(v > 0.0 && v < 1.0) {
+                    return err("garbage_collection_threshold must be between 0.0 and 1.0 (exclusive)");
+                }
+                self.garbage_collection_threshold = v;
+            }
+            "roundup_power2_divisions" => self.parse_divisions(t)?,
+            "expandable_segments" => self.expandable_segments = parse_bool(key, &t.next(key)?)?,
+            "large_segment_size_mb" => {
+                let v = parse_u64(key, &t.next(key)?)?;
+                if v == 0 || (v * MB) % SMALL_BUFFER != 0 {
+                    return err("large_segment_size_mb must be a positive multiple of 2");
+                }
+                self.large_segment_size = v * MB;
+            }
+            "per_process_memory_fraction" => {
+                let v = parse_f64(key, &t.next(key)?)?;
+                if !(0.0..=1.0).contains(&v) {
+                    return err("per_process_memory_fraction must be between 0.0 and 1.0");
+                }
+                self.per_process_memory_fraction = if v == 1.0 { None } else { Some(v) };
+            }
+            "backend" => {
+                let v = t.next(key)?;
+                match v.as_str() {
+                    "native" => {}
+                    "cudaMallocAsync" => return err(
+                        "backend:cudaMallocAsync is the driver's pool, not a caching allocator gpumem replaces; drop it, or try the gpumem policy",
+                    ),
+                    _ => return err(format!("backend must be native or cudaMallocAsync, not '{v}'")),
+                }
+            }
+            "release_lock_on_cudamalloc"
+            | "pinned_use_cuda_host_register"
+            | "pinned_use_background_threads"
+            | "graph_capture_record_stream_reuse"
+            | "throw_on_cudamalloc_oom"
+            | "pinned_free_catch_all" => {
+                let v = t.next(key)?;
+                parse_bool(key, &v)?;
+                self.inert.push((key.to_string(), v));
+            }
+            "pinned_num_register_threads" => {
+                let v = t.next(key)?;
+                let n = parse_u64(key, &v)?;
+                if !n.is_power_of_two() || n > 128 {
+                    return err("pinned_num_register_threads must be a power of 2 up to 128");
+                }
+                self.inert.push((key.to_string(), v));
+            }
+            "pinned_reserve_segment_size_mb" | "expandable_segments_reserve" => {
+                let v = t.next(key)?;
+                parse_u64(key, &v)?;
+                self.inert.push((key.to_string(), v));
+            }
+            _ => {
+                return err(format!(
+                    "unrecognized option '{key}' (known: max_split_size_mb, max_non_split_rounding_mb, \
+                     garbage_collection_threshold, roundup_power2_divisions, expandable_segments, \
+                     large_segment_size_mb, per_process_memory_fraction, backend, and PyTorch's pinned_* keys)"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_divisions(&mut self, t: &mut Tokens) -> Result<(), ConfigError> {
+        const KEY: &str = "roundup_power2_divisions";
+        let first = t.next(KEY)?;
+        if first != "[" {
+            let v = check_divisions(parse_u64(KEY, &first)?)?;
+            self.roundup_power2_divisions = [v; ROUNDUP_INTERVALS];
+            return Ok(());
+        }
+        let mut last_index = 0usize;
+        let mut first_value = true;
+        loop {
+            let interval = t.next("an interval")?;
+            if interval == "]" {
+                break;
+            }
+            t.expect(":", &interval)?;
+            let v = check_divisions(parse_u64(KEY, &t.next(KEY)?)?)?;
+            if interval == ">" {
+                for d in &mut self.roundup_power2_divisions[(last_index + 1).min(ROUNDUP_INTERVALS)..] {
+                    *d = v;
+                }
+            } else {
+                let mb = parse_u64(KEY, &interval)?;
+                if !mb.is_power_of_two() {
+                    return err(format!("{KEY}: the intervals must be powers of 2 (in MB), not {mb}"));
+                }
+                let index = (mb.trailing_zeros() as usize).min(ROUNDUP_INTERVALS - 1);
+                if first_value {
+                    for d in &mut self.roundup_power2_divisions[..index] {
+                        *d = v;
+                    }
+                    first_value = false;
+                }
+                self.roundup_power2_divisions[index] = v;
+                last_index = index;
+            }
+            match t.next("']'")?.as_str() {
+                "," => continue,
+                "]" => break,
+                other => return err(format!("{KEY}: expected ',' or ']', found '{other}'")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The divisions that apply to a request of `size` bytes.
+    pub(crate) fn roundup_power2_divisions_for(&self, size: u64) -> u64 {
+        let log = 63 - size.max(1).leading_zeros() as usize;
+        let index = log.saturating_sub(20).min(ROUNDUP_INTERVALS - 1);
+        self.roundup_power2_divisions[index]
+    }
+
+    /// `max_split_size` as PyTorch's stats report it: -1 when unlimited.
+    pub(crate) fn max_split_size_stat(&self) -> i64 {
+        if self.max_split_size == u64::MAX {
+            -1
+        } else {
+            self.max_split_size as i64
+        }
+    }
+}
+
+/// The allocation strategies gpumem offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// PyTorch 2.x's default caching allocator, reproduced exactly.
+    Torch,
+    /// PyTorch's allocator with `expandable_segments:True`.
+    TorchExpandable,
+}
+
+/// A named policy with its options, as written on the command line: `torch`,
+/// `torch-expandable`, or either followed by `:` and options (`torch:max_split_size_mb:128`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Which algorithm.
+    pub kind: PolicyKind,
+    /// Its options.
+    pub config: AllocatorConfig,
+}
+
+impl Policy {
+    /// The names of all policies, in the order a comparison lists them.
+    pub const NAMES: &'static [&'static str] = &["torch", "torch-expandable"];
+
+    /// Parses `NAME[:OPTIONS]`.
+    ///
+    /// ```
+    /// let p: gpumem::Policy = "torch:max_split_size_mb:128".parse().unwrap();
+    /// assert_eq!(p.kind, gpumem::PolicyKind::Torch);
+    /// assert_eq!(p.config.max_split_size, 128 << 20);
+    /// ```
+    pub fn parse(s: &str) -> Result<Policy, ConfigError> {
+        let (name, opts) = s.split_once(':').unwrap_or((s, ""));
+        let mut config = AllocatorConfig::parse(opts)?;
+        let kind = match name.trim() {
+            "torch" => PolicyKind::Torch,
+            "torch-expandable" => {
+                config.expandable_segments = true;
+                PolicyKind::TorchExpandable
+            }
+            other => {
+                return err(format!(
+                    "unknown policy '{other}' (known: {})",
+                    Policy::NAMES.join(", ")
+                ))
+            }
+        };
+        if kind == PolicyKind::Torch && config.expandable_segments {
+            return Ok(Policy { kind: PolicyKind::TorchExpandable, config });
+        }
+        Ok(Policy { kind, config })
+    }
+
+    /// The policy's name (`torch`, `torch-expandable`).
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            PolicyKind::Torch => "torch",
+            PolicyKind::TorchExpandable => "torch-expandable",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Policy::parse(s)
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let src = self.config.source.trim();
+        if src.is_empty() {
+            f.write_str(self.name())
+        } else {
+            write!(f, "{}:{}", self.name(), src)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_pytorchs() {
+        let c = AllocatorConfig::parse("").unwrap();
+        assert_eq!(c.max_split_size, u64::MAX);
+        assert_eq!(c.max_split_size_stat(), -1);
+        assert_eq!(c.large_segment_size, 20 << 20);
+        assert!(!c.expandable_segments);
+    }
+
+    #[test]
+    fn divisions_in_both_syntaxes() {
+        let c = AllocatorConfig::parse("roundup_power2_divisions:4").unwrap();
+        assert_eq!(c.roundup_power2_divisions, [4; 16]);
+        let c = AllocatorConfig::parse("roundup_power2_divisions:[64:8,256:4,1024:4,>:1]").unwrap();
+        // PyTorch sets only each key's own interval (and, for the first key, all below it):
+        // the intervals between keys (128 MB, 512 MB) keep 0 divisions.
+        let mut want = [8u64; 16];
+        want[7] = 0;
+        want[8] = 4;
+        want[9] = 0;
+        want[10] = 4;
+        for w in &mut want[11..] {
+            *w = 1;
+        }
+        assert_eq!(c.roundup_power2_divisions, want);
+        assert_eq!(c.roundup_power2_divisions_for(100 << 20), 8);
+        assert_eq!(c.roundup_power2_divisions_for(300 << 20), 4);
+        assert_eq!(c.roundup_power2_divisions_for(600 << 20), 0);
+        assert_eq!(c.roundup_power2_divisions_for(1 << 40), 1);
+        assert_eq!(c.roundup_power2_divisions_for(1000), 8);
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        for bad in [
+            "max_split_size_mb:10",
+            "max_split_size_mb:abc",
+            "expandable_segments:true",
+            "garbage_collection_threshold:1.5",
+            "roundup_power2_divisions:3",
+            "roundup_power2_divisions:[63:4]",
+            "no_such_key:1",
+            "max_split_size_mb",
+            "backend:cudaMallocAsync",
+            "per_process_memory_fraction:2",
+        ] {
+            let e = AllocatorConfig::parse(bad);
+            assert!(e.is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn whitespace_and_inert_keys() {
+        let c = AllocatorConfig::parse(" max_split_size_mb : 128 , pinned_use_cuda_host_register:True").unwrap();
+        assert_eq!(c.max_split_size, 128 << 20);
+        assert_eq!(c.inert.len(), 1);
+    }
+
+    #[test]
+    fn policies() {
+        assert_eq!(Policy::parse("torch-expandable").unwrap().config.expandable_segments, true);
+        assert_eq!(Policy::parse("torch:expandable_segments:True").unwrap().kind, PolicyKind::TorchExpandable);
+        assert!(Policy::parse("tensorflow").is_err());
+        assert_eq!(Policy::parse("torch:max_split_size_mb:64").unwrap().to_string(), "torch:max_split_size_mb:64");
+    }
+}

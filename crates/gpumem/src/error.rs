@@ -1,0 +1,100 @@
+//! Errors, above all the out-of-memory report.
+
+use crate::config::ConfigError;
+use crate::device::DeviceError;
+use crate::size::format_size;
+use std::fmt;
+
+/// An allocation the device could not satisfy even after every cached block was freed.
+///
+/// It says what was asked, what the device has, and where the memory went, and suggests the
+/// setting that fits the case, like PyTorch's message but with the fragmentation figures
+/// PyTorch users have long asked for (pytorch/pytorch#29554).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutOfMemory {
+    /// The device index.
+    pub device: usize,
+    /// Bytes the caller asked for.
+    pub requested: u64,
+    /// Bytes the allocator tried to get from the device for it (a whole segment).
+    pub alloc_size: u64,
+    /// The device's total memory.
+    pub total: u64,
+    /// The device's free memory, as the driver reports it.
+    pub free: u64,
+    /// The cap set by a per-process memory fraction, if any.
+    pub allowed: Option<u64>,
+    /// Bytes in live blocks.
+    pub allocated: u64,
+    /// Bytes held from the device.
+    pub reserved: u64,
+    /// The largest free block in the cache.
+    pub largest_free_block: u64,
+    /// Free bytes in segments that also hold live blocks (`empty_cache` cannot free them).
+    pub non_releasable: u64,
+    /// What to try.
+    pub hint: String,
+}
+
+impl OutOfMemory {
+    /// Reserved but unallocated bytes: the cache, after every releasable block was released.
+    pub fn reserved_unallocated(&self) -> u64 {
+        self.reserved.saturating_sub(self.allocated)
+    }
+}
+
+impl fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "GPU out of memory: tried to allocate {} (asked for {}). GPU {} has a total capacity of {} of which {} is free. ",
+            format_size(self.alloc_size),
+            format_size(self.requested),
+            self.device,
+            format_size(self.total),
+            format_size(self.free)
+        )?;
+        if let Some(a) = self.allowed {
+            write!(f, "{} allowed to this process; ", format_size(a))?;
+        }
+        write!(
+            f,
+            "Of the reserved memory {} is allocated and {} is reserved but unallocated (largest free block {}, {} of it in segments pinned by live blocks). {}",
+            format_size(self.allocated),
+            format_size(self.reserved_unallocated()),
+            format_size(self.largest_free_block),
+            format_size(self.non_releasable),
+            self.hint
+        )
+    }
+}
+
+/// What an allocator call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    /// Out of memory; the allocator keeps working after it.
+    #[error("{0}")]
+    OutOfMemory(Box<OutOfMemory>),
+    /// A free or `record_stream` of a pointer this allocator did not hand out, or already freed.
+    #[error("invalid device pointer {0:#x}: not allocated by this allocator, or already freed; nothing was changed")]
+    InvalidPointer(u64),
+    /// A request too large to be real (1 EiB or more).
+    #[error("tried to allocate {0} bytes, more than 1 EiB; check the size computation")]
+    TooLarge(u64),
+    /// A per-process memory fraction outside [0, 1].
+    #[error("invalid memory fraction {0}: it must be between 0.0 and 1.0")]
+    InvalidFraction(f64),
+    /// Bad allocator options.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The device failed in a way the allocator cannot recover from.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+impl AllocError {
+    /// Whether this is an out-of-memory error.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, AllocError::OutOfMemory(_))
+    }
+}

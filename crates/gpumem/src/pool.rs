@@ -1,0 +1,60 @@
+//! A pool of cached free blocks, ordered for best fit.
+//!
+//! Free blocks are ordered by (stream, size, address), exactly as PyTorch's
+//! `BlockComparatorSize`: the first block at or after (stream, size, 0) is the smallest block
+//! of this stream that fits, and among equal sizes the lowest address wins. Because the
+//! stream comes first, each stream has its own free list: a block freed by one stream is
+//! never handed to another, so no synchronization is needed on reuse.
+//!
+//! Unmapped address ranges of expandable segments are kept apart, by (stream, address).
+
+use crate::block::{Block, BlockId};
+use std::collections::BTreeSet;
+use std::ops::Bound::{Included, Unbounded};
+
+pub(crate) type SizeKey = (u64, u64, u64, BlockId);
+
+pub(crate) struct BlockPool {
+    /// Free mapped blocks by (stream, size, address).
+    pub blocks: BTreeSet<SizeKey>,
+    /// Unmapped ranges of expandable segments by (stream, address).
+    pub unmapped: BTreeSet<(u64, u64, BlockId)>,
+    /// Searches so far; a block's age for the garbage collector is measured in these.
+    pub get_free_blocks_call_count: i64,
+}
+
+pub(crate) fn size_key(b: &Block, id: BlockId) -> SizeKey {
+    (b.stream.0, b.size, b.ptr, id)
+}
+
+impl BlockPool {
+    pub(crate) fn new() -> BlockPool {
+        BlockPool { blocks: BTreeSet::new(), unmapped: BTreeSet::new(), get_free_blocks_call_count: 0 }
+    }
+
+    /// Caches a free block, stamping its age.
+    pub(crate) fn insert(&mut self, b: &mut Block, id: BlockId) {
+        b.gc_count_base = self.get_free_blocks_call_count;
+        let fresh = self.blocks.insert(size_key(b, id));
+        debug_assert!(fresh, "block cached twice");
+    }
+
+    pub(crate) fn remove(&mut self, b: &Block, id: BlockId) -> bool {
+        self.blocks.remove(&size_key(b, id))
+    }
+
+    pub(crate) fn insert_unmapped(&mut self, b: &Block, id: BlockId) {
+        self.unmapped.insert((b.stream.0, b.ptr, id));
+    }
+
+    pub(crate) fn remove_unmapped(&mut self, b: &Block, id: BlockId) -> bool {
+        self.unmapped.remove(&(b.stream.0, b.ptr, id))
+    }
+
+    /// Free blocks of `stream` of at least `size` bytes, smallest first.
+    pub(crate) fn fitting(&self, stream: u64, size: u64) -> impl Iterator<Item = &SizeKey> {
+        self.blocks
+            .range((Included((stream, size, 0, 0)), Unbounded))
+            .take_while(move |k| k.0 == stream)
+    }
+}

@@ -1,0 +1,365 @@
+//! `SimDevice`: a simulated GPU. It never touches real memory.
+//!
+//! It has a capacity, hands out non-overlapping addresses, keeps VMM reservations and
+//! mappings, and has events whose completion the caller controls: an event recorded on a
+//! stream stays pending until the test (or the replay engine) completes that stream, or until
+//! someone synchronizes on it, as a host thread waiting for the GPU would. Every call is
+//! counted.
+
+use crate::device::{Device, DeviceError, EventId, StreamId};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+/// The total memory of an H100 80GB as `cuMemGetInfo` reports it: the default capacity.
+pub const H100_CAPACITY: u64 = 81079 << 20;
+
+/// Where fresh segment addresses start. Addresses planned from a trace (around `0x7f..`) lie
+/// far above, so the two never meet.
+const FRESH_BASE: u64 = 0x1000_0000_0000;
+/// Where virtual address reservations start.
+const VA_BASE: u64 = 0x4000_0000_0000;
+const ALIGN: u64 = 2 << 20;
+
+/// How many times each [`Device`] call was made on a [`SimDevice`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimCounters {
+    /// Successful `malloc` calls.
+    pub mallocs: u64,
+    /// `free` calls.
+    pub frees: u64,
+    /// Successful `map` calls.
+    pub maps: u64,
+    /// `unmap` calls.
+    pub unmaps: u64,
+    /// `reserve` calls.
+    pub reserves: u64,
+    /// `unreserve` calls.
+    pub unreserves: u64,
+    /// Calls refused for lack of memory.
+    pub ooms: u64,
+    /// `create_event` calls.
+    pub events_created: u64,
+    /// `record_event` calls.
+    pub events_recorded: u64,
+    /// `query_event` calls.
+    pub events_queried: u64,
+    /// `synchronize_event` and `synchronize_stream` calls.
+    pub synchronizes: u64,
+    /// `mem_get_info` calls.
+    pub mem_get_info: u64,
+}
+
+#[derive(Default)]
+struct Event {
+    stream: Option<StreamId>,
+    complete: bool,
+}
+
+struct State {
+    capacity: u64,
+    used: u64,
+    next_fresh: u64,
+    next_va: u64,
+    plan: VecDeque<(u64, u64)>,
+    segments: BTreeMap<u64, u64>,
+    reservations: BTreeMap<u64, u64>,
+    mappings: BTreeMap<u64, u64>,
+    events: HashMap<u64, Event>,
+    next_event: u64,
+    auto_complete: bool,
+    counters: SimCounters,
+}
+
+/// A simulated GPU. Cloning it gives another handle to the same device, so a test can keep
+/// one while the allocator owns the other.
+///
+/// ```
+/// use gpumem::{Device, SimDevice};
+/// let sim = SimDevice::new(1 << 30);
+/// let p = sim.malloc(2 << 20).unwrap();
+/// assert_eq!(sim.mem_get_info().unwrap(), ((1 << 30) - (2 << 20), 1 << 30));
+/// sim.free(p).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct SimDevice {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for SimDevice {
+    fn default() -> Self {
+        SimDevice::new(H100_CAPACITY)
+    }
+}
+
+impl SimDevice {
+    /// A simulated GPU with `capacity` bytes of memory.
+    pub fn new(capacity: u64) -> SimDevice {
+        SimDevice {
+            state: Arc::new(Mutex::new(State {
+                capacity,
+                used: 0,
+                next_fresh: FRESH_BASE,
+                next_va: VA_BASE,
+                plan: VecDeque::new(),
+                segments: BTreeMap::new(),
+                reservations: BTreeMap::new(),
+                mappings: BTreeMap::new(),
+                events: HashMap::new(),
+                next_event: 1,
+                auto_complete: false,
+                counters: SimCounters::default(),
+            })),
+        }
+    }
+
+    /// Plans the addresses of future segments: each `(size, address)` is used, in order, by
+    /// the next `malloc` of exactly that size, as long as the address is free. A `malloc`
+    /// of another size gets a fresh address and leaves the plan alone. The replay engine uses
+    /// this to hand out a trace's own segment addresses, so that ties between equal free
+    /// blocks (ordered by address) break the way they did in the recorded run.
+    pub fn plan_addresses(&self, plan: impl IntoIterator<Item = (u64, u64)>) {
+        self.state.lock().plan = plan.into_iter().collect();
+    }
+
+    /// Makes every recorded event complete at once (as if the GPU were infinitely fast).
+    pub fn set_auto_complete(&self, on: bool) {
+        self.state.lock().auto_complete = on;
+    }
+
+    /// Completes every event recorded so far on `stream`.
+    pub fn complete_stream(&self, stream: StreamId) {
+        let mut s = self.state.lock();
+        for e in s.events.values_mut() {
+            if e.stream == Some(stream) {
+                e.complete = true;
+            }
+        }
+    }
+
+    /// Completes every event recorded so far.
+    pub fn complete_all(&self) {
+        let mut s = self.state.lock();
+        for e in s.events.values_mut() {
+            e.complete = true;
+        }
+    }
+
+    /// Completes one event.
+    pub fn complete_event(&self, event: EventId) {
+        if let Some(e) = self.state.lock().events.get_mut(&event.0) {
+            e.complete = true;
+        }
+    }
+
+    /// The call counters.
+    pub fn counters(&self) -> SimCounters {
+        self.state.lock().counters
+    }
+
+    /// Bytes of physical memory in use (segments plus mapped pages).
+    pub fn used(&self) -> u64 {
+        self.state.lock().used
+    }
+
+    /// The capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.state.lock().capacity
+    }
+
+    /// Live segments as `(address, size)`, in address order.
+    pub fn live_segments(&self) -> Vec<(u64, u64)> {
+        self.state.lock().segments.iter().map(|(&p, &s)| (p, s)).collect()
+    }
+
+    /// Live mappings as `(address, size)`, in address order.
+    pub fn live_mappings(&self) -> Vec<(u64, u64)> {
+        self.state.lock().mappings.iter().map(|(&p, &s)| (p, s)).collect()
+    }
+
+    /// Live virtual address reservations as `(address, size)`.
+    pub fn live_reservations(&self) -> Vec<(u64, u64)> {
+        let s = self.state.lock();
+        s.reservations.iter().map(|(&p, &z)| (p, z)).collect()
+    }
+
+    /// Events recorded and not yet complete.
+    pub fn pending_events(&self) -> usize {
+        let s = self.state.lock();
+        s.events.values().filter(|e| e.stream.is_some() && !e.complete).count()
+    }
+}
+
+fn overlaps(map: &BTreeMap<u64, u64>, ptr: u64, size: u64) -> bool {
+    if let Some((&p, &s)) = map.range(..ptr + size).next_back() {
+        if p + s > ptr {
+            return true;
+        }
+    }
+    false
+}
+
+fn round_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+impl State {
+    fn take_memory(&mut self, size: u64) -> Result<(), DeviceError> {
+        if size > self.capacity - self.used {
+            self.counters.ooms += 1;
+            return Err(DeviceError::OutOfMemory);
+        }
+        self.used += size;
+        Ok(())
+    }
+
+    fn event(&mut self, event: EventId) -> Result<&mut Event, DeviceError> {
+        self.events
+            .get_mut(&event.0)
+            .ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
+    }
+}
+
+impl Device for SimDevice {
+    fn name(&self) -> String {
+        "simulated GPU".to_string()
+    }
+
+    fn malloc(&self, size: u64) -> Result<u64, DeviceError> {
+        let mut s = self.state.lock();
+        if size == 0 {
+            return Err(DeviceError::InvalidAddress(0, "zero-size segment"));
+        }
+        s.take_memory(size)?;
+        let planned = match s.plan.front() {
+            Some(&(psize, paddr)) if psize == size && !overlaps(&s.segments, paddr, size) => {
+                s.plan.pop_front();
+                Some(paddr)
+            }
+            _ => None,
+        };
+        let ptr = planned.unwrap_or_else(|| {
+            let p = s.next_fresh;
+            s.next_fresh = round_up(p + size, ALIGN);
+            p
+        });
+        s.segments.insert(ptr, size);
+        s.counters.mallocs += 1;
+        Ok(ptr)
+    }
+
+    fn free(&self, ptr: u64) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        let size = s
+            .segments
+            .remove(&ptr)
+            .ok_or(DeviceError::InvalidAddress(ptr, "not a live segment"))?;
+        s.used -= size;
+        s.counters.frees += 1;
+        Ok(())
+    }
+
+    fn mem_get_info(&self) -> Result<(u64, u64), DeviceError> {
+        let mut s = self.state.lock();
+        s.counters.mem_get_info += 1;
+        Ok((s.capacity - s.used, s.capacity))
+    }
+
+    fn reserve(&self, size: u64) -> Result<u64, DeviceError> {
+        let mut s = self.state.lock();
+        let ptr = s.next_va;
+        s.next_va = round_up(ptr + size, ALIGN) + ALIGN;
+        s.reservations.insert(ptr, size);
+        s.counters.reserves += 1;
+        Ok(ptr)
+    }
+
+    fn unreserve(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        if s.reservations.get(&ptr) != Some(&size) {
+            return Err(DeviceError::InvalidAddress(ptr, "not a reservation of that size"));
+        }
+        if overlaps(&s.mappings, ptr, size) {
+            return Err(DeviceError::InvalidAddress(ptr, "reservation still has mapped pages"));
+        }
+        s.reservations.remove(&ptr);
+        s.counters.unreserves += 1;
+        Ok(())
+    }
+
+    fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        let inside = s
+            .reservations
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(&p, &z)| ptr + size <= p + z);
+        if !inside || size == 0 || ptr % ALIGN != 0 || size % ALIGN != 0 {
+            return Err(DeviceError::InvalidAddress(ptr, "map outside a reservation or unaligned"));
+        }
+        if overlaps(&s.mappings, ptr, size) {
+            return Err(DeviceError::InvalidAddress(ptr, "range already mapped"));
+        }
+        s.take_memory(size)?;
+        s.mappings.insert(ptr, size);
+        s.counters.maps += 1;
+        Ok(())
+    }
+
+    fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        if s.mappings.get(&ptr) != Some(&size) {
+            return Err(DeviceError::InvalidAddress(ptr, "not a mapping of that size"));
+        }
+        s.mappings.remove(&ptr);
+        s.used -= size;
+        s.counters.unmaps += 1;
+        Ok(())
+    }
+
+    fn create_event(&self) -> Result<EventId, DeviceError> {
+        let mut s = self.state.lock();
+        let id = s.next_event;
+        s.next_event += 1;
+        s.events.insert(id, Event::default());
+        s.counters.events_created += 1;
+        Ok(EventId(id))
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        s.events
+            .remove(&event.0)
+            .map(|_| ())
+            .ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
+    }
+
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        let auto = s.auto_complete;
+        s.counters.events_recorded += 1;
+        let e = s.event(event)?;
+        e.stream = Some(stream);
+        e.complete = auto;
+        Ok(())
+    }
+
+    fn query_event(&self, event: EventId) -> Result<bool, DeviceError> {
+        let mut s = self.state.lock();
+        s.counters.events_queried += 1;
+        Ok(s.event(event)?.complete)
+    }
+
+    fn synchronize_event(&self, event: EventId) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        s.counters.synchronizes += 1;
+        s.event(event)?.complete = true;
+        Ok(())
+    }
+
+    fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        self.state.lock().counters.synchronizes += 1;
+        self.complete_stream(stream);
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Snapshots: every segment and block the allocator holds, as `torch.cuda.memory_snapshot()`
+//! reports them, and a recount of the stats from them.
+
+use crate::device::{Device, StreamId};
+use crate::engine::Engine;
+use crate::stats::{DeviceStats, PoolKind};
+
+/// The state of a block, with PyTorch's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockState {
+    /// Handed out to the caller.
+    ActiveAllocated,
+    /// Freed by the caller, but other streams may still use it.
+    ActivePendingFree,
+    /// Cached and free.
+    Inactive,
+}
+
+impl BlockState {
+    /// `"active_allocated"`, `"active_pending_free"` or `"inactive"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockState::ActiveAllocated => "active_allocated",
+            BlockState::ActivePendingFree => "active_pending_free",
+            BlockState::Inactive => "inactive",
+        }
+    }
+}
+
+/// One block of a segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Its address.
+    pub address: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// What the caller asked for (0 for inactive blocks).
+    pub requested_size: u64,
+    /// Its state.
+    pub state: BlockState,
+}
+
+/// One segment: a `cuMemAlloc`, or one contiguous mapped range of an expandable segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Its address.
+    pub address: u64,
+    /// Its size.
+    pub total_size: u64,
+    /// Bytes of allocated blocks.
+    pub allocated_size: u64,
+    /// Bytes of active blocks.
+    pub active_size: u64,
+    /// Requested bytes of active blocks.
+    pub requested_size: u64,
+    /// The stream that owns it.
+    pub stream: StreamId,
+    /// Its pool.
+    pub pool: PoolKind,
+    /// Whether it is part of an expandable segment.
+    pub is_expandable: bool,
+    /// Its blocks in address order.
+    pub blocks: Vec<BlockInfo>,
+}
+
+impl<D: Device> Engine<D> {
+    pub(crate) fn snapshot(&self) -> Vec<SegmentInfo> {
+        let mut out = Vec::new();
+        for (_, head) in self.blocks.iter() {
+            if !head.mapped || head.prev.is_some_and(|p| self.blocks[p].mapped) {
+                continue;
+            }
+            let mut seg = SegmentInfo {
+                address: head.ptr,
+                total_size: 0,
+                allocated_size: 0,
+                active_size: 0,
+                requested_size: 0,
+                stream: head.stream,
+                pool: head.pool,
+                is_expandable: head.expandable.is_some(),
+                blocks: Vec::new(),
+            };
+            let mut cur = Some(head);
+            while let Some(b) = cur.filter(|b| b.mapped) {
+                let state = if b.allocated {
+                    BlockState::ActiveAllocated
+                } else if b.is_active() {
+                    BlockState::ActivePendingFree
+                } else {
+                    BlockState::Inactive
+                };
+                seg.total_size += b.size;
+                if b.allocated {
+                    seg.allocated_size += b.size;
+                }
+                let requested = if b.is_active() { b.requested } else { 0 };
+                if b.is_active() {
+                    seg.active_size += b.size;
+                    seg.requested_size += b.requested;
+                }
+                seg.blocks.push(BlockInfo { address: b.ptr, size: b.size, requested_size: requested, state });
+                cur = b.next.map(|n| &self.blocks[n]);
+            }
+            out.push(seg);
+        }
+        out.sort_by_key(|s| s.address);
+        out
+    }
+}
+
+/// The `current` values of the stats, recounted from a snapshot: what the stats must say if
+/// the allocator's bookkeeping is right (PyTorch's `_check_memory_stat_consistency`).
+pub fn recount(segments: &[SegmentInfo]) -> DeviceStats {
+    let mut s = DeviceStats::default();
+    for seg in segments {
+        let k = seg.pool;
+        if !seg.is_expandable {
+            s.segment.increase(k, 1);
+        }
+        s.reserved_bytes.increase(k, seg.total_size);
+        for b in &seg.blocks {
+            match b.state {
+                BlockState::ActiveAllocated => {
+                    s.allocation.increase(k, 1);
+                    s.allocated_bytes.increase(k, b.size);
+                }
+                BlockState::Inactive if seg.blocks.len() > 1 && !seg.is_expandable => {
+                    s.inactive_split.increase(k, 1);
+                    s.inactive_split_bytes.increase(k, b.size);
+                }
+                _ => {}
+            }
+            if b.state != BlockState::Inactive {
+                s.active.increase(k, 1);
+                s.active_bytes.increase(k, b.size);
+                s.requested_bytes.increase(k, b.requested_size);
+            }
+        }
+    }
+    s
+}
