@@ -1,1 +1,46 @@
-fn main(){}
+//! The `gpumem` command.
+//!
+//! Exit codes: 0 success; 1 the work failed (out of memory, device error); 2 bad input or
+//! usage. Errors are one line on stderr.
+
+mod args;
+mod demo;
+mod replay;
+mod units;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+/// A failure, with the exit code it maps to.
+pub(crate) enum Failure {
+    /// Bad input or usage: exit 2.
+    Input(String),
+    /// The work failed: exit 1.
+    Work(String),
+}
+
+impl From<gpumem_trace::TraceError> for Failure {
+    fn from(e: gpumem_trace::TraceError) -> Self {
+        Failure::Input(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    let result = match cli.command {
+        args::Command::Demo(a) => demo::run(&a),
+        args::Command::Replay(a) => replay::run_replay(&a),
+        args::Command::Summary(a) => replay::run_summary(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(m)) => {
+            eprintln!("gpumem: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Work(m)) => {
+            eprintln!("gpumem: {m}");
+            ExitCode::from(1)
+        }
+    }
+}

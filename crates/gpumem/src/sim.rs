@@ -62,6 +62,7 @@ struct State {
     next_fresh: u64,
     next_va: u64,
     plan: VecDeque<(u64, u64)>,
+    malloc_log: Vec<(u64, u64)>,
     segments: BTreeMap<u64, u64>,
     reservations: BTreeMap<u64, u64>,
     mappings: BTreeMap<u64, u64>,
@@ -102,6 +103,7 @@ impl SimDevice {
                 next_fresh: FRESH_BASE,
                 next_va: VA_BASE,
                 plan: VecDeque::new(),
+                malloc_log: Vec::new(),
                 segments: BTreeMap::new(),
                 reservations: BTreeMap::new(),
                 mappings: BTreeMap::new(),
@@ -165,6 +167,11 @@ impl SimDevice {
     /// The capacity in bytes.
     pub fn capacity(&self) -> u64 {
         self.state.lock().capacity
+    }
+
+    /// Every successful `malloc` so far as `(size, address)`, in order.
+    pub fn malloc_log(&self) -> Vec<(u64, u64)> {
+        self.state.lock().malloc_log.clone()
     }
 
     /// Live segments as `(address, size)`, in address order.
@@ -244,6 +251,7 @@ impl Device for SimDevice {
             p
         });
         s.segments.insert(ptr, size);
+        s.malloc_log.push((size, ptr));
         s.counters.mallocs += 1;
         Ok(ptr)
     }

@@ -1,0 +1,81 @@
+//! Command-line arguments.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "gpumem", version, about = "A GPU memory manager: PyTorch's caching allocator, and a better one")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// The PyTorch "how to clear GPU memory" walk-through, step by step
+    Demo(DemoArgs),
+    /// Replay allocation traces through allocator policies on a simulated (or real) GPU
+    Replay(ReplayArgs),
+    /// Print memory_summary() at the trace's peak
+    Summary(SummaryArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DeviceChoice {
+    /// The GPU if one is present, else the simulated device
+    Auto,
+    /// The real GPU through the CUDA driver
+    Cuda,
+    /// The simulated GPU
+    Sim,
+}
+
+#[derive(Args)]
+pub(crate) struct DemoArgs {
+    /// Which device to run on
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+#[derive(Args)]
+pub(crate) struct ReplayArgs {
+    /// Trace files: JSON lines (plain or gzip'd), PyTorch snapshot pickles, or RMM log CSV
+    #[arg(required = true)]
+    pub traces: Vec<String>,
+    /// Policy to replay with, repeatable: torch, torch-expandable, optionally with options
+    /// (torch:max_split_size_mb:128). Default: every policy
+    #[arg(long = "policy", short = 'p')]
+    pub policies: Vec<String>,
+    /// Device to replay on
+    #[arg(long, value_enum, default_value = "sim")]
+    pub device: DeviceChoice,
+    /// Capacity of the simulated device: 80GiB, 81559MiB, or bytes (default: an H100's)
+    #[arg(long)]
+    pub capacity: Option<String>,
+    /// One JSON object per line, per (trace, policy)
+    #[arg(long)]
+    pub json: bool,
+    /// Check the torch policy against the trace's own segment allocations and addresses
+    #[arg(long)]
+    pub verify: bool,
+    /// Stop at the first inconsistent event (exit 1)
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct SummaryArgs {
+    /// The trace file
+    pub trace: String,
+    /// Policy (default torch)
+    #[arg(long, short = 'p', default_value = "torch")]
+    pub policy: String,
+    /// Capacity of the simulated device
+    #[arg(long)]
+    pub capacity: Option<String>,
+    /// Print the summary at the end of the trace instead of at its peak
+    #[arg(long)]
+    pub at_end: bool,
+    /// Leave out the per-pool rows
+    #[arg(long)]
+    pub abbreviated: bool,
+}

@@ -1,0 +1,178 @@
+//! `gpumem replay` and `gpumem summary`.
+
+use crate::args::{DeviceChoice, ReplayArgs, SummaryArgs};
+use crate::units::{gib, parse_size};
+use crate::Failure;
+use gpumem::{Policy, SimDevice, H100_CAPACITY};
+use gpumem_trace::{read_trace, replay, replay_into, ReplayError, ReplayOptions, ReplayReport, Trace};
+use std::io::IsTerminal;
+
+/// Runs with more ops than this show a progress bar (on a terminal, without --json).
+const PROGRESS_MIN_OPS: usize = 200_000;
+
+fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
+    let names: Vec<String> = if names.is_empty() {
+        Policy::NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        names.to_vec()
+    };
+    names.iter().map(|n| Policy::parse(n).map_err(|e| Failure::Input(e.to_string()))).collect()
+}
+
+fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
+    match arg {
+        None => Ok(H100_CAPACITY),
+        Some(s) => parse_size(s).map_err(Failure::Input),
+    }
+}
+
+fn replay_error(e: ReplayError) -> Failure {
+    Failure::Work(e.to_string())
+}
+
+fn progress_bar(trace: &Trace, policy: &Policy, show: bool) -> Option<indicatif::ProgressBar> {
+    if !show || trace.events.len() < PROGRESS_MIN_OPS {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ops")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{} / {}", trace.name(), policy));
+    Some(bar)
+}
+
+pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
+    let policies = policies(&a.policies)?;
+    let cap = capacity(&a.capacity)?;
+    if a.device == DeviceChoice::Cuda && a.capacity.is_some() {
+        return Err(Failure::Input("--capacity applies to the simulated device only".into()));
+    }
+    let opts = ReplayOptions { verify: a.verify, strict: a.strict, stop_after: None };
+    let show_progress = !a.json && std::io::stdout().is_terminal();
+    let mut rows = Vec::new();
+    for path in &a.traces {
+        let trace = read_trace(path)?;
+        for policy in &policies {
+            let bar = progress_bar(&trace, policy, show_progress);
+            let mut tick = |done: u64, total: u64| {
+                if let Some(b) = &bar {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            };
+            let report = match a.device {
+                DeviceChoice::Sim => replay(&trace, policy, SimDevice::new(cap), &opts, &mut tick),
+                DeviceChoice::Cuda | DeviceChoice::Auto => crate::demo::replay_on_cuda(&trace, policy, &opts, &mut tick)?,
+            }
+            .map_err(replay_error)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if a.json {
+                println!("{}", serde_json::to_string(&report).expect("reports serialize"));
+            } else {
+                rows.push(report);
+            }
+        }
+    }
+    if !a.json {
+        print_table(&rows, a.verify);
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[ReplayReport], verify: bool) {
+    let mut lines = vec![vec![
+        "trace".to_string(),
+        "policy".into(),
+        "ops".into(),
+        "peak live".into(),
+        "peak reserved".into(),
+        "ratio".into(),
+        "dev allocs".into(),
+        "dev frees".into(),
+        "OOMs".into(),
+        "seconds".into(),
+        "steady ns/op".into(),
+    ]];
+    if verify {
+        lines[0].push("segments".into());
+        lines[0].push("addresses".into());
+    }
+    for r in rows {
+        let mut l = vec![
+            r.trace.clone(),
+            r.policy.clone(),
+            r.ops.to_string(),
+            gib(r.peak_requested),
+            gib(r.peak_reserved),
+            format!("{:.3}x", r.reserved_ratio),
+            r.device_allocs.to_string(),
+            r.device_frees.to_string(),
+            r.ooms.to_string(),
+            format!("{:.4}", r.seconds),
+            format!("{:.0}", r.steady_ns_per_op),
+        ];
+        if verify {
+            let pair = |m: Option<u64>, e: Option<u64>| match (m, e) {
+                (Some(m), Some(e)) => format!("{m}/{e}"),
+                _ => "-".into(),
+            };
+            l.push(pair(r.segments_matched, r.segments_expected));
+            l.push(pair(r.allocs_matched, r.allocs_expected));
+        }
+        lines.push(l);
+    }
+    let widths: Vec<usize> = (0..lines[0].len()).map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0)).collect();
+    for (i, l) in lines.iter().enumerate() {
+        let cells: Vec<String> = l
+            .iter()
+            .enumerate()
+            .map(|(c, s)| if c < 2 { format!("{s:<w$}", w = widths[c]) } else { format!("{s:>w$}", w = widths[c]) })
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+        if i == 0 {
+            println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+        }
+    }
+    for r in rows {
+        if r.skipped > 0 {
+            let why: Vec<String> = r.skipped_reasons.iter().map(|(k, v)| format!("{v} × {k}")).collect();
+            println!("{} / {}: skipped {} inconsistent events: {}", r.trace, r.policy, r.skipped, why.join(", "));
+        }
+        if r.live_at_end > 0 {
+            println!(
+                "{} / {}: {} allocations ({}) were still live at the end of the trace",
+                r.trace,
+                r.policy,
+                r.live_at_end,
+                gib(r.live_bytes_at_end)
+            );
+        }
+    }
+}
+
+pub(crate) fn run_summary(a: &SummaryArgs) -> Result<(), Failure> {
+    let policy = Policy::parse(&a.policy).map_err(|e| Failure::Input(e.to_string()))?;
+    let cap = capacity(&a.capacity)?;
+    let trace = read_trace(&a.trace)?;
+    let stop_after = if a.at_end {
+        None
+    } else {
+        let first = replay(&trace, &policy, SimDevice::new(cap), &ReplayOptions::default(), &mut |_, _| {})
+            .map_err(replay_error)?;
+        Some(first.peak_op)
+    };
+    let opts = ReplayOptions { stop_after, ..Default::default() };
+    let (report, alloc) =
+        replay_into(&trace, &policy, SimDevice::new(cap), &opts, &mut |_, _| {}).map_err(replay_error)?;
+    let when = match stop_after {
+        Some(n) => format!("at its peak of live bytes ({} live, after op {n} of the trace)", gib(report.peak_requested)),
+        None => "at its end".to_string(),
+    };
+    println!("{} replayed with policy {} on the simulated device, {when}:", trace.name(), policy);
+    print!("{}", alloc.memory_summary(a.abbreviated));
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! PyTorch snapshot pickles (`torch.cuda.memory._dump_snapshot()`): their `device_traces`.
+//!
+//! Snapshots share Python objects heavily (frames, interned strings), which `serde-pickle`
+//! reports as "recursive structure found" unless told to replace such structures; the
+//! frames are not needed here, so replacing them is harmless. Entries are read into typed
+//! structs whose fields are all optional, then checked one by one, so that a missing field is
+//! an error naming the entry rather than a silent zero.
+
+use crate::error::{Location, TraceError};
+use crate::trace::{Event, Trace};
+use gpumem::{Action, StreamId};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Snapshot {
+    device_traces: Option<Vec<Vec<Entry>>>,
+    segments: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    action: Option<String>,
+    addr: Option<i64>,
+    device_free: Option<i64>,
+    size: Option<i64>,
+    stream: Option<i64>,
+}
+
+pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
+    let opts = serde_pickle::DeOptions::new().replace_recursive_structures();
+    let snap: Snapshot = serde_pickle::from_slice(data, opts).map_err(|e| {
+        let location = match &e {
+            serde_pickle::Error::Eval(_, pos) => Location::Byte(*pos as u64),
+            _ => Location::File,
+        };
+        TraceError::new(path, location, format!("not a PyTorch snapshot pickle: {e}"))
+    })?;
+    let Some(traces) = snap.device_traces else {
+        let hint = if snap.segments.is_some() {
+            "it has segments but no \"device_traces\": record it with torch.cuda.memory._record_memory_history() before the run"
+        } else {
+            "it has no \"device_traces\""
+        };
+        return Err(TraceError::new(path, Location::File, format!("not a PyTorch memory snapshot: {hint}")));
+    };
+    // One list per device; replay the first that has events.
+    let entries = traces.into_iter().find(|t| !t.is_empty()).unwrap_or_default();
+    let mut trace = Trace { path: path.to_string(), ..Default::default() };
+    for (i, e) in entries.into_iter().enumerate() {
+        let bad = |m: String| TraceError::new(path, Location::Entry(i), m);
+        let name = e.action.ok_or_else(|| bad("missing \"action\"".into()))?;
+        let Some(action) = Action::from_name(&name) else {
+            // annotations and other non-allocator entries carry no memory
+            continue;
+        };
+        let field = |v: Option<i64>, f: &str| -> Result<u64, TraceError> {
+            let v = v.ok_or_else(|| bad(format!("missing \"{f}\"")))?;
+            u64::try_from(v).map_err(|_| bad(format!("negative \"{f}\": {v}")))
+        };
+        let addr = if action == Action::Oom { field(e.device_free, "device_free")? } else { field(e.addr, "addr")? };
+        let size = field(e.size, "size")?;
+        let stream = field(e.stream, "stream")?;
+        trace.has_segments |= action == Action::SegmentAlloc;
+        trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Entry(i) });
+    }
+    Ok(trace)
+}

@@ -1,0 +1,141 @@
+//! Turning a trace's events into the operations a replay performs.
+//!
+//! A trace records what PyTorch did; a replay needs what the *program* did. So:
+//! - `alloc` is an allocation of the requested size on its stream;
+//! - `free_requested` immediately followed by its `free_completed` is a plain free;
+//! - `free_requested` whose `free_completed` comes later is a free that waited for another
+//!   stream (`record_stream`): the replay records a use on a side stream, frees, and
+//!   completes that stream's event where the trace completed the free;
+//! - `segment_*` events are PyTorch's own decisions, not inputs; they are kept to check the
+//!   `torch` policy against. A run of `segment_free` not followed by a new segment (or an
+//!   out-of-memory error) in the same call was the program calling `empty_cache()`, and is
+//!   replayed as such.
+
+use crate::trace::{Event, Trace};
+use gpumem::{Action, StreamId};
+use std::collections::HashMap;
+
+/// One operation of a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Allocate `size` bytes on `stream`; PyTorch returned `addr`.
+    Alloc {
+        /// The allocation's index.
+        id: u32,
+        /// Requested bytes.
+        size: u64,
+        /// The stream.
+        stream: StreamId,
+        /// The address PyTorch returned.
+        addr: u64,
+    },
+    /// Free allocation `id` at once.
+    Free {
+        /// The allocation's index.
+        id: u32,
+    },
+    /// Free allocation `id` while another stream still uses it.
+    FreeDeferred {
+        /// The allocation's index.
+        id: u32,
+    },
+    /// The other stream is done with allocation `id`.
+    Complete {
+        /// The allocation's index.
+        id: u32,
+    },
+    /// The program called `empty_cache()`.
+    EmptyCache,
+}
+
+/// An event a replay cannot make sense of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skip {
+    /// Why.
+    pub reason: &'static str,
+    /// The event.
+    pub event: Event,
+}
+
+/// What to replay, and what to check it against.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// The operations in order.
+    pub ops: Vec<Op>,
+    /// The trace's `segment_alloc` events as (size, address), in order.
+    pub segments: Vec<(u64, u64)>,
+    /// Events skipped as inconsistent.
+    pub skipped: Vec<Skip>,
+    /// The number of allocations.
+    pub allocs: u32,
+}
+
+/// Builds the operations of `trace`.
+pub fn plan(trace: &Trace) -> Plan {
+    let ev = &trace.events;
+    let mut p = Plan::default();
+    let mut live: HashMap<u64, u32> = HashMap::new();
+    let mut pending: HashMap<u64, u32> = HashMap::new();
+    let mut consumed = vec![false; ev.len()];
+    let is_release = |a: Action| matches!(a, Action::SegmentFree | Action::SegmentUnmap);
+    for (i, e) in ev.iter().enumerate() {
+        if consumed[i] {
+            continue;
+        }
+        let mut skip = |reason| p.skipped.push(Skip { reason, event: *e });
+        match e.action {
+            Action::Alloc => {
+                if e.size == 0 {
+                    skip("zero-size allocation");
+                } else if live.contains_key(&e.addr) || pending.contains_key(&e.addr) {
+                    skip("address allocated twice");
+                } else {
+                    let id = p.allocs;
+                    p.allocs += 1;
+                    live.insert(e.addr, id);
+                    p.ops.push(Op::Alloc { id, size: e.size, stream: e.stream, addr: e.addr });
+                }
+            }
+            Action::FreeRequested => {
+                let Some(id) = live.remove(&e.addr) else {
+                    skip("free of an unknown address");
+                    continue;
+                };
+                match ev.get(i + 1) {
+                    Some(n) if n.action == Action::FreeCompleted && n.addr == e.addr => {
+                        consumed[i + 1] = true;
+                        p.ops.push(Op::Free { id });
+                    }
+                    _ => {
+                        pending.insert(e.addr, id);
+                        p.ops.push(Op::FreeDeferred { id });
+                    }
+                }
+            }
+            Action::FreeCompleted => {
+                if let Some(id) = pending.remove(&e.addr) {
+                    p.ops.push(Op::Complete { id });
+                } else if let Some(id) = live.remove(&e.addr) {
+                    p.ops.push(Op::Free { id });
+                } else {
+                    skip("free of an unknown address");
+                }
+            }
+            Action::SegmentAlloc => p.segments.push((e.size, e.addr)),
+            Action::SegmentFree | Action::SegmentUnmap => {
+                if i > 0 && is_release(ev[i - 1].action) {
+                    continue;
+                }
+                let after = ev[i..].iter().find(|x| !is_release(x.action));
+                let by_allocator = after.is_some_and(|x| {
+                    matches!(x.action, Action::SegmentAlloc | Action::SegmentMap | Action::Oom)
+                });
+                if !by_allocator {
+                    p.ops.push(Op::EmptyCache);
+                }
+            }
+            Action::SegmentMap | Action::Snapshot | Action::Oom => {}
+        }
+    }
+    p
+}

@@ -1,0 +1,390 @@
+//! The replay engine: feeds a trace's allocations and frees to a fresh allocator and
+//! reports what it reserved, how often it called the device, and how fast it was.
+
+use crate::plan::{plan, Op, Plan, Skip};
+use crate::trace::Trace;
+use gpumem::{AllocError, Allocator, Device, Policy, PolicyKind, SimDevice, StreamId};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// What a replay needs from a device beyond [`Device`]: side streams whose completion it
+/// controls, planned segment addresses, and call counts.
+pub trait ReplayDevice: Device + Clone {
+    /// "sim" or "cuda".
+    fn kind(&self) -> &'static str;
+    /// A stream standing for "the other stream" that still used allocation `id` when it was
+    /// freed.
+    fn side_stream(&self, id: u32) -> StreamId;
+    /// Marks the work on a side stream as done.
+    fn complete_side(&self, stream: StreamId);
+    /// Asks the device to hand out these (size, address) pairs for its next segments, where
+    /// it can. Returns whether it will.
+    fn plan_addresses(&self, segments: &[(u64, u64)]) -> bool;
+    /// Segment allocations so far as (size, address).
+    fn malloc_log(&self) -> Vec<(u64, u64)>;
+    /// Page map and unmap calls so far.
+    fn map_counts(&self) -> (u64, u64);
+}
+
+impl ReplayDevice for SimDevice {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+    fn side_stream(&self, id: u32) -> StreamId {
+        StreamId((1 << 62) | id as u64)
+    }
+    fn complete_side(&self, stream: StreamId) {
+        self.complete_stream(stream);
+    }
+    fn plan_addresses(&self, segments: &[(u64, u64)]) -> bool {
+        SimDevice::plan_addresses(self, segments.iter().copied());
+        true
+    }
+    fn malloc_log(&self) -> Vec<(u64, u64)> {
+        SimDevice::malloc_log(self)
+    }
+    fn map_counts(&self) -> (u64, u64) {
+        let c = self.counters();
+        (c.maps, c.unmaps)
+    }
+}
+
+/// How to replay.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayOptions {
+    /// Check the `torch` policy against the trace's own decisions.
+    pub verify: bool,
+    /// Stop at the first inconsistent event.
+    pub strict: bool,
+    /// Stop after this many ops (to look at the allocator at that point).
+    pub stop_after: Option<u64>,
+}
+
+/// The figures of one replay; its JSON form is the contract of `gpumem replay --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayReport {
+    /// The trace's file name.
+    pub trace: String,
+    /// The policy, with its options.
+    pub policy: String,
+    /// "sim" or "cuda".
+    pub device: String,
+    /// Allocations and frees replayed.
+    pub ops: u64,
+    /// The exact peak of live requested bytes.
+    pub peak_requested: u64,
+    /// Peak allocated bytes.
+    pub peak_allocated: u64,
+    /// Peak reserved bytes.
+    pub peak_reserved: u64,
+    /// `peak_reserved / peak_requested`.
+    pub reserved_ratio: f64,
+    /// Device allocations (segments and page mappings), as `num_device_alloc`.
+    pub device_allocs: u64,
+    /// Device frees (segments and page unmappings), as `num_device_free`.
+    pub device_frees: u64,
+    /// Page map calls.
+    pub device_maps: u64,
+    /// Page unmap calls.
+    pub device_unmaps: u64,
+    /// Allocations that failed for lack of memory.
+    pub ooms: u64,
+    /// Allocation retries after flushing the cache.
+    pub alloc_retries: u64,
+    /// The whole replay, in seconds.
+    pub seconds: f64,
+    /// Nanoseconds per op over the whole replay.
+    pub ns_per_op: f64,
+    /// Nanoseconds per op over the second half of the ops.
+    pub steady_ns_per_op: f64,
+    /// `segment_alloc` events in the trace (with `--verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments_expected: Option<u64>,
+    /// Segments allocated in the same order and of the same size (with `--verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments_matched: Option<u64>,
+    /// Allocations in the trace (with `--verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_expected: Option<u64>,
+    /// Allocations returned at PyTorch's own address (with `--verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_matched: Option<u64>,
+    /// Keys of the recorded run's own `memory_stats()` (with `--verify`, where the trace has them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats_expected: Option<u64>,
+    /// Of those, keys whose value the replay reproduced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats_matched: Option<u64>,
+    /// Inconsistent events skipped.
+    pub skipped: u64,
+    /// Why, with counts.
+    pub skipped_reasons: BTreeMap<String, u64>,
+    /// Allocations still live when the trace ends (normal: the program did not free them).
+    pub live_at_end: u64,
+    /// Their requested bytes.
+    pub live_bytes_at_end: u64,
+    /// `empty_cache()` calls replayed.
+    pub empty_cache_calls: u64,
+    /// The op (counted from 1) after which live requested bytes peaked.
+    pub peak_op: u64,
+}
+
+/// A replay that could not run or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// `--strict` and an inconsistent event.
+    #[error("{trace}: {origin}: {reason} ({action} at {addr:#x}, {size} bytes); stopped because of --strict")]
+    Inconsistent {
+        /// The trace.
+        trace: String,
+        /// Where in the file.
+        origin: String,
+        /// Why.
+        reason: &'static str,
+        /// The action.
+        action: &'static str,
+        /// The address.
+        addr: u64,
+        /// The size.
+        size: u64,
+    },
+    /// The allocator or the device failed.
+    #[error("{0}")]
+    Alloc(#[from] AllocError),
+}
+
+fn origin(s: &Skip) -> String {
+    match s.event.origin {
+        crate::error::Location::Line(n) => format!("line {n}"),
+        crate::error::Location::Entry(n) => format!("trace entry {n}"),
+        crate::error::Location::Byte(n) => format!("byte {n}"),
+        crate::error::Location::File => "file".into(),
+    }
+}
+
+fn inconsistent(trace: &Trace, s: &Skip) -> ReplayError {
+    ReplayError::Inconsistent {
+        trace: trace.name(),
+        origin: origin(s),
+        reason: s.reason,
+        action: s.event.action.name(),
+        addr: s.event.addr,
+        size: s.event.size,
+    }
+}
+
+/// Replays `trace` through `policy` on `device` (a fresh device per replay).
+/// `progress` is called now and then with (ops done, ops in all).
+pub fn replay<D: ReplayDevice + 'static>(
+    trace: &Trace,
+    policy: &Policy,
+    device: D,
+    opts: &ReplayOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ReplayReport, ReplayError> {
+    replay_into(trace, policy, device, opts, progress).map(|(report, _)| report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<D: ReplayDevice>(
+    trace: &Trace,
+    plan: &Plan,
+    policy: &Policy,
+    device: &D,
+    alloc: &Allocator<D>,
+    capacity: u64,
+    verify: bool,
+    opts: &ReplayOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ReplayReport, ReplayError> {
+    let strict = opts.strict;
+    let stop_after = opts.stop_after.unwrap_or(u64::MAX);
+    let n = plan.allocs as usize;
+    let mut ptrs = vec![0u64; n];
+    let mut sizes = vec![0u64; n];
+    let mut failed = vec![false; n];
+    let mut skipped: Vec<Skip> = plan.skipped.clone();
+    let is_op = |op: &Op| matches!(op, Op::Alloc { .. } | Op::Free { .. } | Op::Complete { .. });
+    let total_ops = plan.ops.iter().filter(|o| is_op(o)).count() as u64;
+    let mid = total_ops / 2;
+    let (mut done, mut live_requested, mut peak_requested) = (0u64, 0u64, 0u64);
+    let (mut ooms, mut allocs_matched, mut empty_cache_calls, mut peak_op) = (0u64, 0u64, 0u64, 0u64);
+    let start = Instant::now();
+    let mut t_mid = start;
+    for op in &plan.ops {
+        if done >= stop_after && is_op(op) {
+            break;
+        }
+        if is_op(op) {
+            if done == mid {
+                t_mid = Instant::now();
+            }
+            done += 1;
+            if done & 0xffff == 0 {
+                progress(done, total_ops);
+            }
+        }
+        match *op {
+            Op::Alloc { id, size, stream, addr } => {
+                let i = id as usize;
+                if size > capacity {
+                    let event = gpumem_event(size, addr, stream);
+                    let s = Skip { reason: "allocation larger than the device's capacity", event };
+                    if strict {
+                        return Err(inconsistent(trace, &s));
+                    }
+                    skipped.push(s);
+                    failed[i] = true;
+                    continue;
+                }
+                match alloc.malloc(size, stream) {
+                    Ok(p) => {
+                        ptrs[i] = p;
+                        sizes[i] = size;
+                        allocs_matched += (p == addr) as u64;
+                        live_requested += size;
+                        if live_requested > peak_requested {
+                            peak_requested = live_requested;
+                            peak_op = done;
+                        }
+                    }
+                    Err(e) if e.is_out_of_memory() => {
+                        ooms += 1;
+                        failed[i] = true;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Op::Free { id } => {
+                let i = id as usize;
+                if !failed[i] {
+                    alloc.free(ptrs[i])?;
+                    live_requested -= sizes[i];
+                    sizes[i] = 0;
+                }
+            }
+            Op::FreeDeferred { id } => {
+                let i = id as usize;
+                if !failed[i] {
+                    alloc.record_stream(ptrs[i], device.side_stream(id))?;
+                    alloc.free(ptrs[i])?;
+                }
+            }
+            Op::Complete { id } => {
+                let i = id as usize;
+                if !failed[i] {
+                    device.complete_side(device.side_stream(id));
+                    alloc.process_events()?;
+                    live_requested -= sizes[i];
+                    sizes[i] = 0;
+                }
+            }
+            Op::EmptyCache => {
+                alloc.empty_cache()?;
+                empty_cache_calls += 1;
+            }
+        }
+    }
+    let end = Instant::now();
+    progress(total_ops, total_ops);
+    let seconds = (end - start).as_secs_f64();
+    let steady_ops = (total_ops - mid).max(1) as f64;
+    let stats = alloc.stats();
+    let (maps, unmaps) = device.map_counts();
+    let peak_reserved = stats.reserved_bytes.all().peak as u64;
+    let mut report = ReplayReport {
+        trace: trace.name(),
+        policy: policy.to_string(),
+        device: device.kind().to_string(),
+        ops: total_ops,
+        peak_requested,
+        peak_allocated: stats.allocated_bytes.all().peak as u64,
+        peak_reserved,
+        reserved_ratio: if peak_requested > 0 { peak_reserved as f64 / peak_requested as f64 } else { 0.0 },
+        device_allocs: stats.num_device_alloc as u64,
+        device_frees: stats.num_device_free as u64,
+        device_maps: maps,
+        device_unmaps: unmaps,
+        ooms,
+        alloc_retries: stats.num_alloc_retries as u64,
+        seconds,
+        ns_per_op: seconds * 1e9 / total_ops.max(1) as f64,
+        steady_ns_per_op: (end - t_mid).as_secs_f64() * 1e9 / steady_ops,
+        segments_expected: None,
+        segments_matched: None,
+        allocs_expected: None,
+        allocs_matched: None,
+        stats_expected: None,
+        stats_matched: None,
+        skipped: skipped.len() as u64,
+        skipped_reasons: BTreeMap::new(),
+        live_at_end: sizes.iter().filter(|&&s| s > 0).count() as u64,
+        live_bytes_at_end: live_requested,
+        empty_cache_calls,
+        peak_op,
+    };
+    for s in &skipped {
+        *report.skipped_reasons.entry(s.reason.to_string()).or_default() += 1;
+    }
+    if verify {
+        let ours = device.malloc_log();
+        let matched = ours.iter().zip(&plan.segments).filter(|(a, b)| a.0 == b.0).count();
+        report.segments_expected = Some(plan.segments.len() as u64);
+        report.segments_matched = Some(matched as u64);
+        report.allocs_expected = Some(plan.allocs as u64);
+        report.allocs_matched = Some(allocs_matched);
+        if let Some(want) = &trace.stats {
+            let got = alloc.memory_stats();
+            report.stats_expected = Some(want.len() as u64);
+            report.stats_matched = Some(want.iter().filter(|(k, v)| got.get(*k) == Some(v)).count() as u64);
+        }
+    }
+    Ok(report)
+}
+
+fn gpumem_event(size: u64, addr: u64, stream: StreamId) -> crate::trace::Event {
+    crate::trace::Event {
+        action: gpumem::Action::Alloc,
+        addr,
+        size,
+        stream,
+        origin: crate::error::Location::File,
+    }
+}
+
+/// The stats keys where a replay differs from the recorded run: (key, recorded, replayed).
+pub fn stats_differences(trace: &Trace, got: &gpumem::MemoryStats) -> Vec<(String, i64, i64)> {
+    let Some(want) = &trace.stats else { return Vec::new() };
+    want.iter()
+        .filter_map(|(k, &v)| match got.get(k) {
+            Some(&g) if g == v => None,
+            g => Some((k.clone(), v, g.copied().unwrap_or(i64::MIN))),
+        })
+        .collect()
+}
+
+/// Replays `trace` and returns the allocator afterwards too, to inspect its state (the
+/// summary at the end, the stats, a snapshot).
+pub fn replay_into<D: ReplayDevice + 'static>(
+    trace: &Trace,
+    policy: &Policy,
+    device: D,
+    opts: &ReplayOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(ReplayReport, Allocator<D>), ReplayError> {
+    let plan = plan(trace);
+    if opts.strict {
+        if let Some(s) = plan.skipped.first() {
+            return Err(inconsistent(trace, s));
+        }
+    }
+    let verify = opts.verify && policy.kind == PolicyKind::Torch;
+    if verify {
+        device.plan_addresses(&plan.segments);
+    }
+    let (_, capacity) = device.mem_get_info().map_err(AllocError::from)?;
+    let alloc = Allocator::with_policy(device.clone(), policy)?;
+    let report = run(trace, &plan, policy, &device, &alloc, capacity, verify, opts, progress)?;
+    Ok((report, alloc))
+}
