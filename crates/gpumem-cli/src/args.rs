@@ -3,7 +3,11 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "gpumem", version, about = "A GPU memory manager: PyTorch's caching allocator, and a better one")]
+#[command(
+    name = "gpumem",
+    version,
+    about = "A GPU memory manager: PyTorch's caching allocator, and a better one"
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,

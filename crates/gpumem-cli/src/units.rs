@@ -3,24 +3,33 @@
 /// Parses `80GiB`, `81559MiB`, `512KiB`, `10GB`, or plain bytes.
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "TiB" | "T" => 1 << 40,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        other => return Err(format!("bad size '{s}': unknown unit '{other}' (use B, KiB, MiB, GiB, TiB, KB, MB, GB)")),
-    };
-    let x: f64 = num.parse().map_err(|_| format!("bad size '{s}': expected a number such as 80GiB"))?;
+    let mult: u64 =
+        match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            other => return Err(format!(
+                "bad size '{s}': unknown unit '{other}' (use B, KiB, MiB, GiB, TiB, KB, MB, GB)"
+            )),
+        };
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("bad size '{s}': expected a number such as 80GiB"))?;
     let bytes = x * mult as f64;
-    if !(bytes >= 1.0 && bytes < 1e19) {
-        return Err(format!("bad size '{s}': must be at least 1 byte and less than 16 EiB"));
+    if !(1.0..1e19).contains(&bytes) {
+        return Err(format!(
+            "bad size '{s}': must be at least 1 byte and less than 16 EiB"
+        ));
     }
     Ok(bytes as u64)
 }

@@ -26,5 +26,7 @@ mod trace;
 pub use error::{Location, TraceError};
 pub use jsonl::write_jsonl;
 pub use plan::{plan, Op, Plan, Skip};
-pub use replay::{replay, replay_into, stats_differences, ReplayDevice, ReplayError, ReplayOptions, ReplayReport};
+pub use replay::{
+    replay, replay_into, stats_differences, ReplayDevice, ReplayError, ReplayOptions, ReplayReport,
+};
 pub use trace::{detect, read_trace, read_trace_bytes, Event, Format, Trace};

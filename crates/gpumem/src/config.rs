@@ -151,8 +151,14 @@ impl AllocatorConfig {
     /// assert!(gpumem::AllocatorConfig::parse("max_split_mb:128").is_err());
     /// ```
     pub fn parse(s: &str) -> Result<AllocatorConfig, ConfigError> {
-        let mut c = AllocatorConfig { source: s.to_string(), ..Default::default() };
-        let mut t = Tokens { t: tokenize(s), i: 0 };
+        let mut c = AllocatorConfig {
+            source: s.to_string(),
+            ..Default::default()
+        };
+        let mut t = Tokens {
+            t: tokenize(s),
+            i: 0,
+        };
         while let Some(key) = t.peek().map(str::to_string) {
             t.i += 1;
             if key == "," {
@@ -162,7 +168,9 @@ impl AllocatorConfig {
             c.apply(&key, &mut t)?;
             match t.peek() {
                 None | Some(",") => {}
-                Some(other) => return err(format!("unexpected '{other}' after the value of {key}")),
+                Some(other) => {
+                    return err(format!("unexpected '{other}' after the value of {key}"))
+                }
             }
         }
         Ok(c)
@@ -171,7 +179,9 @@ impl AllocatorConfig {
     /// Reads options from `GPUMEM_ALLOC_CONF` (empty when unset).
     pub fn from_env() -> Result<AllocatorConfig, ConfigError> {
         match std::env::var(ENV_VAR) {
-            Ok(s) => AllocatorConfig::parse(&s).map_err(|e| ConfigError(format!("{ENV_VAR}: {}", e.0))),
+            Ok(s) => {
+                AllocatorConfig::parse(&s).map_err(|e| ConfigError(format!("{ENV_VAR}: {}", e.0)))
+            }
             Err(_) => Ok(AllocatorConfig::default()),
         }
     }
@@ -204,7 +214,7 @@ impl AllocatorConfig {
             "expandable_segments" => self.expandable_segments = parse_bool(key, &t.next(key)?)?,
             "large_segment_size_mb" => {
                 let v = parse_u64(key, &t.next(key)?)?;
-                if v == 0 || (v * MB) % SMALL_BUFFER != 0 {
+                if v == 0 || !(v * MB).is_multiple_of(SMALL_BUFFER) {
                     return err("large_segment_size_mb must be a positive multiple of 2");
                 }
                 self.large_segment_size = v * MB;
@@ -278,13 +288,17 @@ impl AllocatorConfig {
             t.expect(":", &interval)?;
             let v = check_divisions(parse_u64(KEY, &t.next(KEY)?)?)?;
             if interval == ">" {
-                for d in &mut self.roundup_power2_divisions[(last_index + 1).min(ROUNDUP_INTERVALS)..] {
+                for d in
+                    &mut self.roundup_power2_divisions[(last_index + 1).min(ROUNDUP_INTERVALS)..]
+                {
                     *d = v;
                 }
             } else {
                 let mb = parse_u64(KEY, &interval)?;
                 if !mb.is_power_of_two() {
-                    return err(format!("{KEY}: the intervals must be powers of 2 (in MB), not {mb}"));
+                    return err(format!(
+                        "{KEY}: the intervals must be powers of 2 (in MB), not {mb}"
+                    ));
                 }
                 let index = (mb.trailing_zeros() as usize).min(ROUNDUP_INTERVALS - 1);
                 if first_value {
@@ -369,7 +383,10 @@ impl Policy {
             }
         };
         if kind == PolicyKind::Torch && config.expandable_segments {
-            return Ok(Policy { kind: PolicyKind::TorchExpandable, config });
+            return Ok(Policy {
+                kind: PolicyKind::TorchExpandable,
+                config,
+            });
         }
         Ok(Policy { kind, config })
     }
@@ -458,16 +475,34 @@ mod tests {
 
     #[test]
     fn whitespace_and_inert_keys() {
-        let c = AllocatorConfig::parse(" max_split_size_mb : 128 , pinned_use_cuda_host_register:True").unwrap();
+        let c =
+            AllocatorConfig::parse(" max_split_size_mb : 128 , pinned_use_cuda_host_register:True")
+                .unwrap();
         assert_eq!(c.max_split_size, 128 << 20);
         assert_eq!(c.inert.len(), 1);
     }
 
     #[test]
     fn policies() {
-        assert_eq!(Policy::parse("torch-expandable").unwrap().config.expandable_segments, true);
-        assert_eq!(Policy::parse("torch:expandable_segments:True").unwrap().kind, PolicyKind::TorchExpandable);
+        assert_eq!(
+            Policy::parse("torch-expandable")
+                .unwrap()
+                .config
+                .expandable_segments,
+            true
+        );
+        assert_eq!(
+            Policy::parse("torch:expandable_segments:True")
+                .unwrap()
+                .kind,
+            PolicyKind::TorchExpandable
+        );
         assert!(Policy::parse("tensorflow").is_err());
-        assert_eq!(Policy::parse("torch:max_split_size_mb:64").unwrap().to_string(), "torch:max_split_size_mb:64");
+        assert_eq!(
+            Policy::parse("torch:max_split_size_mb:64")
+                .unwrap()
+                .to_string(),
+            "torch:max_split_size_mb:64"
+        );
     }
 }

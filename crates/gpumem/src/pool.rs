@@ -29,7 +29,11 @@ pub(crate) fn size_key(b: &Block, id: BlockId) -> SizeKey {
 
 impl BlockPool {
     pub(crate) fn new() -> BlockPool {
-        BlockPool { blocks: BTreeSet::new(), unmapped: BTreeSet::new(), get_free_blocks_call_count: 0 }
+        BlockPool {
+            blocks: BTreeSet::new(),
+            unmapped: BTreeSet::new(),
+            get_free_blocks_call_count: 0,
+        }
     }
 
     /// Caches a free block, stamping its age.

@@ -32,7 +32,10 @@ impl<D: Device> Engine<D> {
             };
             self.device.record_event(event, stream)?;
             self.blocks[id].event_count += 1;
-            self.events.entry(stream).or_default().push_back((event, id));
+            self.events
+                .entry(stream)
+                .or_default()
+                .push_back((event, id));
         }
         Ok(())
     }
@@ -46,8 +49,7 @@ impl<D: Device> Engine<D> {
         }
         let streams: Vec<StreamId> = self.events.keys().copied().collect();
         for stream in streams {
-            loop {
-                let Some(&(event, id)) = self.events.get(&stream).and_then(|q| q.front()) else { break };
+            while let Some(&(event, id)) = self.events.get(&stream).and_then(|q| q.front()) {
                 if !self.device.query_event(event)? {
                     break;
                 }
@@ -147,7 +149,10 @@ impl<D: Device> Engine<D> {
         }
         let key_size = size.max(max_split);
         let pool = &self.pools[pool_index(kind)];
-        let single = pool.fitting(stream.0, key_size).find(|k| self.blocks[k.3].expandable.is_none()).copied();
+        let single = pool
+            .fitting(stream.0, key_size)
+            .find(|k| self.blocks[k.3].expandable.is_none())
+            .copied();
         if let Some(k) = single {
             self.release_block(k.3)?;
             return Ok(true);
@@ -176,7 +181,9 @@ impl<D: Device> Engine<D> {
     /// allowed maximum, frees wholly free large segments that have gone unused longest
     /// (older than the mean age), without waiting on any event.
     pub(crate) fn garbage_collect(&mut self) -> Result<(), AllocError> {
-        let Some(allowed) = self.allowed_memory_maximum else { return Ok(()) };
+        let Some(allowed) = self.allowed_memory_maximum else {
+            return Ok(());
+        };
         let threshold = (self.config.garbage_collection_threshold * allowed as f64) as u64;
         if self.total_reserved <= threshold {
             return Ok(());
@@ -214,4 +221,3 @@ impl<D: Device> Engine<D> {
         Ok(())
     }
 }
-

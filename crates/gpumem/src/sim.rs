@@ -176,12 +176,22 @@ impl SimDevice {
 
     /// Live segments as `(address, size)`, in address order.
     pub fn live_segments(&self) -> Vec<(u64, u64)> {
-        self.state.lock().segments.iter().map(|(&p, &s)| (p, s)).collect()
+        self.state
+            .lock()
+            .segments
+            .iter()
+            .map(|(&p, &s)| (p, s))
+            .collect()
     }
 
     /// Live mappings as `(address, size)`, in address order.
     pub fn live_mappings(&self) -> Vec<(u64, u64)> {
-        self.state.lock().mappings.iter().map(|(&p, &s)| (p, s)).collect()
+        self.state
+            .lock()
+            .mappings
+            .iter()
+            .map(|(&p, &s)| (p, s))
+            .collect()
     }
 
     /// Live virtual address reservations as `(address, size)`.
@@ -193,7 +203,10 @@ impl SimDevice {
     /// Events recorded and not yet complete.
     pub fn pending_events(&self) -> usize {
         let s = self.state.lock();
-        s.events.values().filter(|e| e.stream.is_some() && !e.complete).count()
+        s.events
+            .values()
+            .filter(|e| e.stream.is_some() && !e.complete)
+            .count()
     }
 }
 
@@ -285,10 +298,16 @@ impl Device for SimDevice {
     fn unreserve(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
         if s.reservations.get(&ptr) != Some(&size) {
-            return Err(DeviceError::InvalidAddress(ptr, "not a reservation of that size"));
+            return Err(DeviceError::InvalidAddress(
+                ptr,
+                "not a reservation of that size",
+            ));
         }
         if overlaps(&s.mappings, ptr, size) {
-            return Err(DeviceError::InvalidAddress(ptr, "reservation still has mapped pages"));
+            return Err(DeviceError::InvalidAddress(
+                ptr,
+                "reservation still has mapped pages",
+            ));
         }
         s.reservations.remove(&ptr);
         s.counters.unreserves += 1;
@@ -302,8 +321,11 @@ impl Device for SimDevice {
             .range(..=ptr)
             .next_back()
             .is_some_and(|(&p, &z)| ptr + size <= p + z);
-        if !inside || size == 0 || ptr % ALIGN != 0 || size % ALIGN != 0 {
-            return Err(DeviceError::InvalidAddress(ptr, "map outside a reservation or unaligned"));
+        if !inside || size == 0 || !ptr.is_multiple_of(ALIGN) || !size.is_multiple_of(ALIGN) {
+            return Err(DeviceError::InvalidAddress(
+                ptr,
+                "map outside a reservation or unaligned",
+            ));
         }
         if overlaps(&s.mappings, ptr, size) {
             return Err(DeviceError::InvalidAddress(ptr, "range already mapped"));
@@ -317,7 +339,10 @@ impl Device for SimDevice {
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
         if s.mappings.get(&ptr) != Some(&size) {
-            return Err(DeviceError::InvalidAddress(ptr, "not a mapping of that size"));
+            return Err(DeviceError::InvalidAddress(
+                ptr,
+                "not a mapping of that size",
+            ));
         }
         s.mappings.remove(&ptr);
         s.used -= size;
