@@ -12,9 +12,7 @@ pub(crate) fn replay_on_cuda(
     _opts: &ReplayOptions,
     _tick: &mut dyn FnMut(u64, u64),
 ) -> Result<Result<ReplayReport, ReplayError>, Failure> {
-    Err(Failure::Work(
-        "--device cuda: no CUDA driver was found on this machine; use --device sim".into(),
-    ))
+    Err(Failure::Work("--device cuda: no CUDA driver was found on this machine; use --device sim".into()))
 }
 
 fn mb(b: u64) -> String {
@@ -33,13 +31,9 @@ fn walk<D: Device>(alloc: &Allocator<D>, device_name: &str) -> Result<(), Failur
     let free0 = free(alloc)?;
     println!("0. Before anything: driver free memory = {}\n", mb(free0));
     println!("1. x = torch.randn(10000, 10000, device='cuda')   # 10^8 float32 values, 400,000,000 bytes");
-    let x = alloc
-        .malloc(10000 * 10000 * 4, StreamId::DEFAULT)
-        .map_err(work)?;
+    let x = alloc.malloc(10000 * 10000 * 4, StreamId::DEFAULT).map_err(work)?;
     show(alloc, free(alloc)?);
-    println!(
-        "   (PyTorch rounds the segment to 2 MiB pages and counts the unsplit tail as allocated)\n"
-    );
+    println!("   (PyTorch rounds the segment to 2 MiB pages and counts the unsplit tail as allocated)\n");
     println!("2. torch.cuda.empty_cache() while x is alive: the pitfall, nothing is freed");
     alloc.empty_cache().map_err(work)?;
     show(alloc, free(alloc)?);
@@ -65,25 +59,22 @@ fn walk<D: Device>(alloc: &Allocator<D>, device_name: &str) -> Result<(), Failur
     println!("  empty_cache()             give cached, unused memory back to the GPU");
     println!("  mem_get_info()            the driver's free and total memory");
     println!("  memory_summary()          the whole table; memory_stats() every counter");
-    println!(
-        "  del x / drop(x)           free a tensor: its memory returns to the cache, not the GPU"
-    );
+    println!("  del x / drop(x)           free a tensor: its memory returns to the cache, not the GPU");
     Ok(())
 }
 
 pub(crate) fn run(a: &DemoArgs) -> Result<(), Failure> {
     match a.device {
         DeviceChoice::Cuda => Err(Failure::Work(
-            "no CUDA driver (libcuda) was found on this machine; run `gpumem demo --device sim`"
-                .into(),
+            "no CUDA driver (libcuda) was found on this machine; run `gpumem demo --device sim`".into(),
         )),
         DeviceChoice::Auto | DeviceChoice::Sim => {
             if a.device == DeviceChoice::Auto {
                 println!("No GPU found (no CUDA driver on this machine): running on the simulated device.\n");
             }
             let config = AllocatorConfig::from_env().map_err(|e| Failure::Input(e.to_string()))?;
-            let alloc = Allocator::new(SimDevice::default(), config)
-                .map_err(|e| Failure::Work(e.to_string()))?;
+            let alloc =
+                Allocator::new(SimDevice::default(), config).map_err(|e| Failure::Work(e.to_string()))?;
             walk(&alloc, "simulated GPU (80 GB, no real memory)")
         }
     }

@@ -4,24 +4,16 @@ use crate::args::{DeviceChoice, ReplayArgs, SummaryArgs};
 use crate::units::{gib, parse_size};
 use crate::Failure;
 use gpumem::{Policy, SimDevice, H100_CAPACITY};
-use gpumem_trace::{
-    read_trace, replay, replay_into, ReplayError, ReplayOptions, ReplayReport, Trace,
-};
+use gpumem_trace::{read_trace, replay, replay_into, ReplayError, ReplayOptions, ReplayReport, Trace};
 use std::io::IsTerminal;
 
 /// Runs with more ops than this show a progress bar (on a terminal, without --json).
 const PROGRESS_MIN_OPS: usize = 200_000;
 
 fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
-    let names: Vec<String> = if names.is_empty() {
-        Policy::NAMES.iter().map(|s| s.to_string()).collect()
-    } else {
-        names.to_vec()
-    };
-    names
-        .iter()
-        .map(|n| Policy::parse(n).map_err(|e| Failure::Input(e.to_string())))
-        .collect()
+    let names: Vec<String> =
+        if names.is_empty() { Policy::NAMES.iter().map(|s| s.to_string()).collect() } else { names.to_vec() };
+    names.iter().map(|n| Policy::parse(n).map_err(|e| Failure::Input(e.to_string()))).collect()
 }
 
 fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
@@ -52,15 +44,9 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     let policies = policies(&a.policies)?;
     let cap = capacity(&a.capacity)?;
     if a.device == DeviceChoice::Cuda && a.capacity.is_some() {
-        return Err(Failure::Input(
-            "--capacity applies to the simulated device only".into(),
-        ));
+        return Err(Failure::Input("--capacity applies to the simulated device only".into()));
     }
-    let opts = ReplayOptions {
-        verify: a.verify,
-        strict: a.strict,
-        stop_after: None,
-    };
+    let opts = ReplayOptions { verify: a.verify, strict: a.strict, stop_after: None };
     let show_progress = !a.json && std::io::stdout().is_terminal();
     let mut rows = Vec::new();
     for path in &a.traces {
@@ -84,10 +70,7 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
                 b.finish_and_clear();
             }
             if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).expect("reports serialize")
-                );
+                println!("{}", serde_json::to_string(&report).expect("reports serialize"));
             } else {
                 rows.push(report);
             }
@@ -141,40 +124,28 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
         }
         lines.push(l);
     }
-    let widths: Vec<usize> = (0..lines[0].len())
-        .map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..lines[0].len()).map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0)).collect();
     for (i, l) in lines.iter().enumerate() {
-        let cells: Vec<String> = l
-            .iter()
-            .enumerate()
-            .map(|(c, s)| {
-                if c < 2 {
-                    format!("{s:<w$}", w = widths[c])
-                } else {
-                    format!("{s:>w$}", w = widths[c])
-                }
-            })
-            .collect();
+        let cells: Vec<String> =
+            l.iter()
+                .enumerate()
+                .map(|(c, s)| {
+                    if c < 2 {
+                        format!("{s:<w$}", w = widths[c])
+                    } else {
+                        format!("{s:>w$}", w = widths[c])
+                    }
+                })
+                .collect();
         println!("{}", cells.join("  ").trim_end());
         if i == 0 {
-            println!(
-                "{}",
-                widths
-                    .iter()
-                    .map(|w| "-".repeat(*w))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-            );
+            println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
         }
     }
     for r in rows {
         if r.skipped > 0 {
-            let why: Vec<String> = r
-                .skipped_reasons
-                .iter()
-                .map(|(k, v)| format!("{v} × {k}"))
-                .collect();
+            let why: Vec<String> = r.skipped_reasons.iter().map(|(k, v)| format!("{v} × {k}")).collect();
             println!(
                 "{} / {}: skipped {} inconsistent events: {}",
                 r.trace,
@@ -202,22 +173,13 @@ pub(crate) fn run_summary(a: &SummaryArgs) -> Result<(), Failure> {
     let stop_after = if a.at_end {
         None
     } else {
-        let first = replay(
-            &trace,
-            &policy,
-            SimDevice::new(cap),
-            &ReplayOptions::default(),
-            &mut |_, _| {},
-        )
-        .map_err(replay_error)?;
+        let first = replay(&trace, &policy, SimDevice::new(cap), &ReplayOptions::default(), &mut |_, _| {})
+            .map_err(replay_error)?;
         Some(first.peak_op)
     };
-    let opts = ReplayOptions {
-        stop_after,
-        ..Default::default()
-    };
-    let (report, alloc) = replay_into(&trace, &policy, SimDevice::new(cap), &opts, &mut |_, _| {})
-        .map_err(replay_error)?;
+    let opts = ReplayOptions { stop_after, ..Default::default() };
+    let (report, alloc) =
+        replay_into(&trace, &policy, SimDevice::new(cap), &opts, &mut |_, _| {}).map_err(replay_error)?;
     let when = match stop_after {
         Some(n) => format!(
             "at its peak of live bytes ({} live, after op {n} of the trace)",
@@ -225,11 +187,7 @@ pub(crate) fn run_summary(a: &SummaryArgs) -> Result<(), Failure> {
         ),
         None => "at its end".to_string(),
     };
-    println!(
-        "{} replayed with policy {} on the simulated device, {when}:",
-        trace.name(),
-        policy
-    );
+    println!("{} replayed with policy {} on the simulated device, {when}:", trace.name(), policy);
     print!("{}", alloc.memory_summary(a.abbreviated));
     Ok(())
 }

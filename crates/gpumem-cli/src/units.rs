@@ -3,9 +3,7 @@
 /// Parses `80GiB`, `81559MiB`, `512KiB`, `10GB`, or plain bytes.
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -23,14 +21,10 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    let x: f64 = num
-        .parse()
-        .map_err(|_| format!("bad size '{s}': expected a number such as 80GiB"))?;
+    let x: f64 = num.parse().map_err(|_| format!("bad size '{s}': expected a number such as 80GiB"))?;
     let bytes = x * mult as f64;
     if !(1.0..1e19).contains(&bytes) {
-        return Err(format!(
-            "bad size '{s}': must be at least 1 byte and less than 16 EiB"
-        ));
+        return Err(format!("bad size '{s}': must be at least 1 byte and less than 16 EiB"));
     }
     Ok(bytes as u64)
 }

@@ -42,10 +42,6 @@ impl TraceError {
         let message: String = message.into();
         // one line, always
         let message = message.replace('\n', " ");
-        TraceError {
-            path: path.to_string(),
-            location,
-            message,
-        }
+        TraceError { path: path.to_string(), location, message }
     }
 }

@@ -24,27 +24,17 @@ struct Line {
 fn unsigned(v: &Option<serde_json::Value>, field: &str) -> Result<u64, String> {
     match v {
         None => Err(format!("missing field \"{field}\"")),
-        Some(serde_json::Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| format!("field \"{field}\" must be a non-negative integer, not {n}")),
-        Some(other) => Err(format!(
-            "field \"{field}\" must be a non-negative integer, not {other}"
-        )),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().ok_or_else(|| format!("field \"{field}\" must be a non-negative integer, not {n}"))
+        }
+        Some(other) => Err(format!("field \"{field}\" must be a non-negative integer, not {other}")),
     }
 }
 
 pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
-    let text = std::str::from_utf8(data).map_err(|e| {
-        TraceError::new(
-            path,
-            Location::Byte(e.valid_up_to() as u64),
-            "not UTF-8 text",
-        )
-    })?;
-    let mut trace = Trace {
-        path: path.to_string(),
-        ..Default::default()
-    };
+    let text = std::str::from_utf8(data)
+        .map_err(|e| TraceError::new(path, Location::Byte(e.valid_up_to() as u64), "not UTF-8 text"))?;
+    let mut trace = Trace { path: path.to_string(), ..Default::default() };
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         let line = line.trim();
@@ -74,13 +64,7 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
             Some(_) => unsigned(&l.t, "t").map_err(bad)?,
         };
         trace.has_segments |= action == Action::SegmentAlloc;
-        trace.events.push(Event {
-            action,
-            addr,
-            size,
-            stream: StreamId(stream),
-            origin: Location::Line(n),
-        });
+        trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Line(n) });
     }
     Ok(trace)
 }
@@ -96,12 +80,7 @@ struct OutLine {
 /// Writes events as JSON lines (plain; pipe through gzip for `.gz`).
 pub fn write_jsonl(events: &[Event], mut out: impl Write) -> std::io::Result<()> {
     for e in events {
-        let line = OutLine {
-            a: e.action.name(),
-            p: e.addr,
-            s: e.size,
-            t: e.stream.0,
-        };
+        let line = OutLine { a: e.action.name(), p: e.addr, s: e.size, t: e.stream.0 };
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
     }

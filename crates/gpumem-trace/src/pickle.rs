@@ -33,11 +33,7 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
             serde_pickle::Error::Eval(_, pos) => Location::Byte(*pos as u64),
             _ => Location::File,
         };
-        TraceError::new(
-            path,
-            location,
-            format!("not a PyTorch snapshot pickle: {e}"),
-        )
+        TraceError::new(path, location, format!("not a PyTorch snapshot pickle: {e}"))
     })?;
     let Some(traces) = snap.device_traces else {
         let hint = if snap.segments.is_some() {
@@ -45,21 +41,11 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
         } else {
             "it has no \"device_traces\""
         };
-        return Err(TraceError::new(
-            path,
-            Location::File,
-            format!("not a PyTorch memory snapshot: {hint}"),
-        ));
+        return Err(TraceError::new(path, Location::File, format!("not a PyTorch memory snapshot: {hint}")));
     };
     // One list per device; replay the first that has events.
-    let entries = traces
-        .into_iter()
-        .find(|t| !t.is_empty())
-        .unwrap_or_default();
-    let mut trace = Trace {
-        path: path.to_string(),
-        ..Default::default()
-    };
+    let entries = traces.into_iter().find(|t| !t.is_empty()).unwrap_or_default();
+    let mut trace = Trace { path: path.to_string(), ..Default::default() };
     for (i, e) in entries.into_iter().enumerate() {
         let bad = |m: String| TraceError::new(path, Location::Entry(i), m);
         let name = e.action.ok_or_else(|| bad("missing \"action\"".into()))?;
@@ -71,21 +57,12 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
             let v = v.ok_or_else(|| bad(format!("missing \"{f}\"")))?;
             u64::try_from(v).map_err(|_| bad(format!("negative \"{f}\": {v}")))
         };
-        let addr = if action == Action::Oom {
-            field(e.device_free, "device_free")?
-        } else {
-            field(e.addr, "addr")?
-        };
+        let addr =
+            if action == Action::Oom { field(e.device_free, "device_free")? } else { field(e.addr, "addr")? };
         let size = field(e.size, "size")?;
         let stream = field(e.stream, "stream")?;
         trace.has_segments |= action == Action::SegmentAlloc;
-        trace.events.push(Event {
-            action,
-            addr,
-            size,
-            stream: StreamId(stream),
-            origin: Location::Entry(i),
-        });
+        trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Entry(i) });
     }
     Ok(trace)
 }

@@ -93,12 +93,7 @@ pub fn plan(trace: &Trace) -> Plan {
                     let id = p.allocs;
                     p.allocs += 1;
                     live.insert(e.addr, id);
-                    p.ops.push(Op::Alloc {
-                        id,
-                        size: e.size,
-                        stream: e.stream,
-                        addr: e.addr,
-                    });
+                    p.ops.push(Op::Alloc { id, size: e.size, stream: e.stream, addr: e.addr });
                 }
             }
             Action::FreeRequested => {
@@ -133,10 +128,7 @@ pub fn plan(trace: &Trace) -> Plan {
                 }
                 let after = ev[i..].iter().find(|x| !is_release(x.action));
                 let by_allocator = after.is_some_and(|x| {
-                    matches!(
-                        x.action,
-                        Action::SegmentAlloc | Action::SegmentMap | Action::Oom
-                    )
+                    matches!(x.action, Action::SegmentAlloc | Action::SegmentMap | Action::Oom)
                 });
                 if !by_allocator {
                     p.ops.push(Op::EmptyCache);

@@ -134,7 +134,9 @@ pub struct ReplayReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     /// `--strict` and an inconsistent event.
-    #[error("{trace}: {origin}: {reason} ({action} at {addr:#x}, {size} bytes); stopped because of --strict")]
+    #[error(
+        "{trace}: {origin}: {reason} ({action} at {addr:#x}, {size} bytes); stopped because of --strict"
+    )]
     Inconsistent {
         /// The trace.
         trace: String,
@@ -209,8 +211,7 @@ fn run<D: ReplayDevice>(
     let total_ops = plan.ops.iter().filter(|o| is_op(o)).count() as u64;
     let mid = total_ops / 2;
     let (mut done, mut live_requested, mut peak_requested) = (0u64, 0u64, 0u64);
-    let (mut ooms, mut allocs_matched, mut empty_cache_calls, mut peak_op) =
-        (0u64, 0u64, 0u64, 0u64);
+    let (mut ooms, mut allocs_matched, mut empty_cache_calls, mut peak_op) = (0u64, 0u64, 0u64, 0u64);
     let start = Instant::now();
     let mut t_mid = start;
     for op in &plan.ops {
@@ -227,19 +228,11 @@ fn run<D: ReplayDevice>(
             }
         }
         match *op {
-            Op::Alloc {
-                id,
-                size,
-                stream,
-                addr,
-            } => {
+            Op::Alloc { id, size, stream, addr } => {
                 let i = id as usize;
                 if size > capacity {
                     let event = gpumem_event(size, addr, stream);
-                    let s = Skip {
-                        reason: "allocation larger than the device's capacity",
-                        event,
-                    };
+                    let s = Skip { reason: "allocation larger than the device's capacity", event };
                     if strict {
                         return Err(inconsistent(trace, &s));
                     }
@@ -310,11 +303,7 @@ fn run<D: ReplayDevice>(
         peak_requested,
         peak_allocated: stats.allocated_bytes.all().peak as u64,
         peak_reserved,
-        reserved_ratio: if peak_requested > 0 {
-            peak_reserved as f64 / peak_requested as f64
-        } else {
-            0.0
-        },
+        reserved_ratio: if peak_requested > 0 { peak_reserved as f64 / peak_requested as f64 } else { 0.0 },
         device_allocs: stats.num_device_alloc as u64,
         device_frees: stats.num_device_free as u64,
         device_maps: maps,
@@ -338,18 +327,11 @@ fn run<D: ReplayDevice>(
         peak_op,
     };
     for s in &skipped {
-        *report
-            .skipped_reasons
-            .entry(s.reason.to_string())
-            .or_default() += 1;
+        *report.skipped_reasons.entry(s.reason.to_string()).or_default() += 1;
     }
     if verify {
         let ours = device.malloc_log();
-        let matched = ours
-            .iter()
-            .zip(&plan.segments)
-            .filter(|(a, b)| a.0 == b.0)
-            .count();
+        let matched = ours.iter().zip(&plan.segments).filter(|(a, b)| a.0 == b.0).count();
         report.segments_expected = Some(plan.segments.len() as u64);
         report.segments_matched = Some(matched as u64);
         report.allocs_expected = Some(plan.allocs as u64);
@@ -357,8 +339,7 @@ fn run<D: ReplayDevice>(
         if let Some(want) = &trace.stats {
             let got = alloc.memory_stats();
             report.stats_expected = Some(want.len() as u64);
-            report.stats_matched =
-                Some(want.iter().filter(|(k, v)| got.get(*k) == Some(v)).count() as u64);
+            report.stats_matched = Some(want.iter().filter(|(k, v)| got.get(*k) == Some(v)).count() as u64);
         }
     }
     Ok(report)
@@ -408,8 +389,6 @@ pub fn replay_into<D: ReplayDevice + 'static>(
     }
     let (_, capacity) = device.mem_get_info().map_err(AllocError::from)?;
     let alloc = Allocator::with_policy(device.clone(), policy)?;
-    let report = run(
-        trace, &plan, policy, &device, &alloc, capacity, verify, opts, progress,
-    )?;
+    let report = run(trace, &plan, policy, &device, &alloc, capacity, verify, opts, progress)?;
     Ok((report, alloc))
 }

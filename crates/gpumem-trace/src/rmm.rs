@@ -14,17 +14,9 @@ fn hex(s: &str) -> Option<u64> {
 }
 
 pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
-    let text = std::str::from_utf8(data).map_err(|e| {
-        TraceError::new(
-            path,
-            Location::Byte(e.valid_up_to() as u64),
-            "not UTF-8 text",
-        )
-    })?;
-    let mut trace = Trace {
-        path: path.to_string(),
-        ..Default::default()
-    };
+    let text = std::str::from_utf8(data)
+        .map_err(|e| TraceError::new(path, Location::Byte(e.valid_up_to() as u64), "not UTF-8 text"))?;
+    let mut trace = Trace { path: path.to_string(), ..Default::default() };
     let mut lines = text.lines().enumerate();
     lines.next(); // the header, already checked by detection
     for (i, line) in lines {
@@ -47,20 +39,12 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
             other => return Err(bad(format!("unknown action \"{other}\""))),
         };
         let addr = hex(cols[3]).ok_or_else(|| bad(format!("bad pointer \"{}\"", cols[3])))?;
-        let size = cols[4].trim().parse::<u64>().map_err(|_| {
-            bad(format!(
-                "bad size \"{}\" (a non-negative integer is expected)",
-                cols[4]
-            ))
-        })?;
+        let size = cols[4]
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| bad(format!("bad size \"{}\" (a non-negative integer is expected)", cols[4])))?;
         let stream = hex(cols[5]).ok_or_else(|| bad(format!("bad stream \"{}\"", cols[5])))?;
-        trace.events.push(Event {
-            action,
-            addr,
-            size,
-            stream: StreamId(stream),
-            origin: Location::Line(n),
-        });
+        trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Line(n) });
         if action == Action::FreeRequested {
             // RMM frees at once: the free is also its completion
             trace.events.push(Event {

@@ -70,17 +70,12 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// Decides the format from the first bytes of the (decompressed) content.
 pub fn detect(bytes: &[u8]) -> Option<Format> {
-    let text_start = bytes
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .map(|i| &bytes[i..]);
+    let text_start = bytes.iter().position(|b| !b.is_ascii_whitespace()).map(|i| &bytes[i..]);
     match bytes.first() {
         Some(0x80) => Some(Format::SnapshotPickle),
         _ => match text_start {
             Some(t) if t.starts_with(b"{") => Some(Format::JsonLines),
-            Some(t) if t.starts_with(b"Thread,Time,Action,Pointer,Size,Stream") => {
-                Some(Format::RmmCsv)
-            }
+            Some(t) if t.starts_with(b"Thread,Time,Action,Pointer,Size,Stream") => Some(Format::RmmCsv),
             _ => None,
         },
     }
@@ -115,23 +110,20 @@ pub fn read_trace_bytes(path: &str, raw: &[u8]) -> Result<Trace, TraceError> {
     if data.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(TraceError::new(path, Location::File, "the file is empty"));
     }
-    let trace =
-        match detect(&data) {
-            Some(Format::JsonLines) => crate::jsonl::parse(path, &data)?,
-            Some(Format::SnapshotPickle) => crate::pickle::parse(path, &data)?,
-            Some(Format::RmmCsv) => crate::rmm::parse(path, &data)?,
-            None => return Err(TraceError::new(
+    let trace = match detect(&data) {
+        Some(Format::JsonLines) => crate::jsonl::parse(path, &data)?,
+        Some(Format::SnapshotPickle) => crate::pickle::parse(path, &data)?,
+        Some(Format::RmmCsv) => crate::rmm::parse(path, &data)?,
+        None => {
+            return Err(TraceError::new(
                 path,
                 Location::Byte(0),
                 "not a trace: expected JSON lines, a PyTorch snapshot pickle, or an RMM log CSV",
-            )),
-        };
+            ))
+        }
+    };
     if trace.events.is_empty() {
-        return Err(TraceError::new(
-            path,
-            Location::File,
-            "the trace has no allocator events",
-        ));
+        return Err(TraceError::new(path, Location::File, "the trace has no allocator events"));
     }
     Ok(trace)
 }

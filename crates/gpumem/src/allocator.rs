@@ -32,9 +32,7 @@ pub struct Allocator<D: Device> {
 impl<D: Device> Allocator<D> {
     /// An allocator over `device` with PyTorch's algorithm and these options.
     pub fn new(device: D, config: AllocatorConfig) -> Result<Allocator<D>, AllocError> {
-        Ok(Allocator {
-            engine: Mutex::new(Engine::new(device, config)?),
-        })
+        Ok(Allocator { engine: Mutex::new(Engine::new(device, config)?) })
     }
 
     /// An allocator for a named policy (`"torch"`, `"torch-expandable:max_split_size_mb:128"`).
@@ -91,8 +89,7 @@ impl<D: Device> Allocator<D> {
     /// The cap from the memory fraction as a fraction of the device (1.0 when unset).
     pub fn per_process_memory_fraction(&self) -> f64 {
         let e = self.lock();
-        e.allowed_memory_maximum
-            .map_or(1.0, |m| m as f64 / e.device_total as f64)
+        e.allowed_memory_maximum.map_or(1.0, |m| m as f64 / e.device_total as f64)
     }
 
     /// A copy of all counters.

@@ -95,11 +95,7 @@ impl Arena {
 
     /// Every live block, in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (BlockId, &Block)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.live[*i])
-            .map(|(i, b)| (i as BlockId, b))
+        self.slots.iter().enumerate().filter(|(i, _)| self.live[*i]).map(|(i, b)| (i as BlockId, b))
     }
 }
 

@@ -112,8 +112,7 @@ impl Tokens {
 }
 
 fn parse_u64(key: &str, v: &str) -> Result<u64, ConfigError> {
-    v.parse::<u64>()
-        .or_else(|_| err(format!("{key} needs a non-negative integer, not '{v}'")))
+    v.parse::<u64>().or_else(|_| err(format!("{key} needs a non-negative integer, not '{v}'")))
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
@@ -133,9 +132,7 @@ fn parse_f64(key: &str, v: &str) -> Result<f64, ConfigError> {
 
 fn check_divisions(v: u64) -> Result<u64, ConfigError> {
     if v != 0 && !v.is_power_of_two() {
-        return err(format!(
-            "roundup_power2_divisions: the divisions must be a power of 2 (or 0), not {v}"
-        ));
+        return err(format!("roundup_power2_divisions: the divisions must be a power of 2 (or 0), not {v}"));
     }
     Ok(v)
 }
@@ -151,14 +148,8 @@ impl AllocatorConfig {
     /// assert!(gpumem::AllocatorConfig::parse("max_split_mb:128").is_err());
     /// ```
     pub fn parse(s: &str) -> Result<AllocatorConfig, ConfigError> {
-        let mut c = AllocatorConfig {
-            source: s.to_string(),
-            ..Default::default()
-        };
-        let mut t = Tokens {
-            t: tokenize(s),
-            i: 0,
-        };
+        let mut c = AllocatorConfig { source: s.to_string(), ..Default::default() };
+        let mut t = Tokens { t: tokenize(s), i: 0 };
         while let Some(key) = t.peek().map(str::to_string) {
             t.i += 1;
             if key == "," {
@@ -168,9 +159,7 @@ impl AllocatorConfig {
             c.apply(&key, &mut t)?;
             match t.peek() {
                 None | Some(",") => {}
-                Some(other) => {
-                    return err(format!("unexpected '{other}' after the value of {key}"))
-                }
+                Some(other) => return err(format!("unexpected '{other}' after the value of {key}")),
             }
         }
         Ok(c)
@@ -179,9 +168,7 @@ impl AllocatorConfig {
     /// Reads options from `GPUMEM_ALLOC_CONF` (empty when unset).
     pub fn from_env() -> Result<AllocatorConfig, ConfigError> {
         match std::env::var(ENV_VAR) {
-            Ok(s) => {
-                AllocatorConfig::parse(&s).map_err(|e| ConfigError(format!("{ENV_VAR}: {}", e.0)))
-            }
+            Ok(s) => AllocatorConfig::parse(&s).map_err(|e| ConfigError(format!("{ENV_VAR}: {}", e.0))),
             Err(_) => Ok(AllocatorConfig::default()),
         }
     }
@@ -288,17 +275,13 @@ impl AllocatorConfig {
             t.expect(":", &interval)?;
             let v = check_divisions(parse_u64(KEY, &t.next(KEY)?)?)?;
             if interval == ">" {
-                for d in
-                    &mut self.roundup_power2_divisions[(last_index + 1).min(ROUNDUP_INTERVALS)..]
-                {
+                for d in &mut self.roundup_power2_divisions[(last_index + 1).min(ROUNDUP_INTERVALS)..] {
                     *d = v;
                 }
             } else {
                 let mb = parse_u64(KEY, &interval)?;
                 if !mb.is_power_of_two() {
-                    return err(format!(
-                        "{KEY}: the intervals must be powers of 2 (in MB), not {mb}"
-                    ));
+                    return err(format!("{KEY}: the intervals must be powers of 2 (in MB), not {mb}"));
                 }
                 let index = (mb.trailing_zeros() as usize).min(ROUNDUP_INTERVALS - 1);
                 if first_value {
@@ -375,18 +358,10 @@ impl Policy {
                 config.expandable_segments = true;
                 PolicyKind::TorchExpandable
             }
-            other => {
-                return err(format!(
-                    "unknown policy '{other}' (known: {})",
-                    Policy::NAMES.join(", ")
-                ))
-            }
+            other => return err(format!("unknown policy '{other}' (known: {})", Policy::NAMES.join(", "))),
         };
         if kind == PolicyKind::Torch && config.expandable_segments {
-            return Ok(Policy {
-                kind: PolicyKind::TorchExpandable,
-                config,
-            });
+            return Ok(Policy { kind: PolicyKind::TorchExpandable, config });
         }
         Ok(Policy { kind, config })
     }
@@ -476,32 +451,21 @@ mod tests {
     #[test]
     fn whitespace_and_inert_keys() {
         let c =
-            AllocatorConfig::parse(" max_split_size_mb : 128 , pinned_use_cuda_host_register:True")
-                .unwrap();
+            AllocatorConfig::parse(" max_split_size_mb : 128 , pinned_use_cuda_host_register:True").unwrap();
         assert_eq!(c.max_split_size, 128 << 20);
         assert_eq!(c.inert.len(), 1);
     }
 
     #[test]
     fn policies() {
+        assert!(Policy::parse("torch-expandable").unwrap().config.expandable_segments);
         assert_eq!(
-            Policy::parse("torch-expandable")
-                .unwrap()
-                .config
-                .expandable_segments,
-            true
-        );
-        assert_eq!(
-            Policy::parse("torch:expandable_segments:True")
-                .unwrap()
-                .kind,
+            Policy::parse("torch:expandable_segments:True").unwrap().kind,
             PolicyKind::TorchExpandable
         );
         assert!(Policy::parse("tensorflow").is_err());
         assert_eq!(
-            Policy::parse("torch:max_split_size_mb:64")
-                .unwrap()
-                .to_string(),
+            Policy::parse("torch:max_split_size_mb:64").unwrap().to_string(),
             "torch:max_split_size_mb:64"
         );
     }

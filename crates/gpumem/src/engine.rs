@@ -82,10 +82,7 @@ impl<D: Device> Engine<D> {
         let (_, total) = device.mem_get_info()?;
         let mut e = Engine {
             device,
-            stats: DeviceStats {
-                max_split_size: config.max_split_size_stat(),
-                ..Default::default()
-            },
+            stats: DeviceStats { max_split_size: config.max_split_size_stat(), ..Default::default() },
             config,
             blocks: Arena::default(),
             pools: [BlockPool::new(), BlockPool::new()],
@@ -127,11 +124,7 @@ impl<D: Device> Engine<D> {
         }
         self.process_events()?;
         let size = size::round_size(orig, &self.config);
-        let kind = if size <= SMALL_SIZE {
-            PoolKind::Small
-        } else {
-            PoolKind::Large
-        };
+        let kind = if size <= SMALL_SIZE { PoolKind::Small } else { PoolKind::Large };
         let alloc_size = size::allocation_size(size, &self.config);
 
         let mut found = self.get_free_block(kind, stream, size);
@@ -176,10 +169,7 @@ impl<D: Device> Engine<D> {
                 // fit its size is what it can expand to.
                 let expandable_size = |id: BlockId| {
                     let b = &blocks[id];
-                    b.size
-                        + b.next
-                            .filter(|&n| !blocks[n].mapped)
-                            .map_or(0, |n| blocks[n].size)
+                    b.size + b.next.filter(|&n| !blocks[n].mapped).map_or(0, |n| blocks[n].size)
                 };
                 while blocks[key.3].expandable.is_some() {
                     match it.peek() {
@@ -242,29 +232,19 @@ impl<D: Device> Engine<D> {
             Err(e) => return Err(e.into()),
         };
         self.total_reserved += alloc_size;
-        let id = self
-            .blocks
-            .insert(Block::new(ptr, alloc_size, stream, kind));
+        let id = self.blocks.insert(Block::new(ptr, alloc_size, stream, kind));
         self.stats.segment.increase(kind, 1);
         self.stats.reserved_bytes.increase(kind, alloc_size);
         if alloc_size >= self.config.max_split_size {
             self.stats.oversize_segments.increase(1);
         }
         self.stats.num_device_alloc += 1;
-        self.history
-            .record(Action::SegmentAlloc, ptr, alloc_size, stream);
+        self.history.record(Action::SegmentAlloc, ptr, alloc_size, stream);
         Ok(Some(id))
     }
 
     /// Splits the found block if asked and hands out its front (PyTorch's `alloc_found_block`).
-    fn alloc_found_block(
-        &mut self,
-        id: BlockId,
-        stream: StreamId,
-        size: u64,
-        orig: u64,
-        split: bool,
-    ) -> u64 {
+    fn alloc_found_block(&mut self, id: BlockId, stream: StreamId, size: u64, orig: u64, split: bool) -> u64 {
         let kind = self.blocks[id].pool;
         let already_split = self.blocks[id].is_split();
         let expandable = self.blocks[id].expandable.is_some();
@@ -324,17 +304,13 @@ impl<D: Device> Engine<D> {
     /// Frees the block at `ptr` (PyTorch's `free`): at once, or once the other streams that
     /// used it are done.
     pub(crate) fn free(&mut self, ptr: u64) -> Result<(), AllocError> {
-        let id = self
-            .live
-            .remove(&ptr)
-            .ok_or(AllocError::InvalidPointer(ptr))?;
+        let id = self.live.remove(&ptr).ok_or(AllocError::InvalidPointer(ptr))?;
         let b = &mut self.blocks[id];
         b.allocated = false;
         let (kind, size, requested, stream) = (b.pool, b.size, b.requested, b.stream);
         self.stats.allocation.decrease(kind, 1);
         self.stats.allocated_bytes.decrease(kind, size);
-        self.history
-            .record(Action::FreeRequested, ptr, requested, stream);
+        self.history.record(Action::FreeRequested, ptr, requested, stream);
         if size >= self.config.max_split_size {
             self.stats.oversize_allocations.decrease(1);
         }
@@ -361,8 +337,7 @@ impl<D: Device> Engine<D> {
         let b = &self.blocks[id];
         debug_assert!(!b.allocated && b.event_count == 0 && b.stream_uses.is_empty());
         let (kind, original_size, requested) = (b.pool, b.size, b.requested);
-        self.history
-            .record(Action::FreeCompleted, b.ptr, requested, b.stream);
+        self.history.record(Action::FreeCompleted, b.ptr, requested, b.stream);
         let mut net_blocks: i64 = 0;
         let mut net_bytes: i64 = 0;
         for candidate in [b.prev, b.next] {
@@ -435,28 +410,17 @@ impl<D: Device> Engine<D> {
         s_size
     }
 
-    pub(crate) fn out_of_memory(
-        &mut self,
-        orig: u64,
-        alloc_size: u64,
-        stream: StreamId,
-    ) -> AllocError {
+    pub(crate) fn out_of_memory(&mut self, orig: u64, alloc_size: u64, stream: StreamId) -> AllocError {
         let (free, total) = self.device.mem_get_info().unwrap_or((0, self.device_total));
         self.history.record(Action::Oom, free, orig, stream);
         self.stats.num_ooms += 1;
         let allocated = self.stats.allocated_bytes.all().current as u64;
         let reserved = self.stats.reserved_bytes.all().current as u64;
         let non_releasable = self.stats.inactive_split_bytes.all().current as u64;
-        let largest_free_block = self
-            .pools
-            .iter()
-            .flat_map(|p| p.blocks.iter().map(|k| k.1))
-            .max()
-            .unwrap_or(0);
+        let largest_free_block =
+            self.pools.iter().flat_map(|p| p.blocks.iter().map(|k| k.1)).max().unwrap_or(0);
         let unallocated = reserved.saturating_sub(allocated);
-        let hint = if let Some(max) = self
-            .allowed_memory_maximum
-            .filter(|&m| alloc_size <= free && m < total)
+        let hint = if let Some(max) = self.allowed_memory_maximum.filter(|&m| alloc_size <= free && m < total)
         {
             format!(
                 "The per-process memory fraction caps this process at {}, and the device itself has room: raise the fraction (set_per_process_memory_fraction or per_process_memory_fraction).",

@@ -68,11 +68,7 @@ impl<D: Device> Engine<D> {
             bytes >= size
         };
         let pool = &self.pools[pool_index(kind)];
-        for &(_, _, id) in pool
-            .unmapped
-            .range((stream.0, 0, 0)..)
-            .take_while(|k| k.0 == stream.0)
-        {
+        for &(_, _, id) in pool.unmapped.range((stream.0, 0, 0)..).take_while(|k| k.0 == stream.0) {
             let mut c = id;
             if let Some(p) = self.allocatable(self.blocks[id].prev) {
                 c = p;
@@ -81,21 +77,11 @@ impl<D: Device> Engine<D> {
                 return Ok(c);
             }
         }
-        let page = if kind == PoolKind::Small {
-            SMALL_BUFFER
-        } else {
-            self.config.large_segment_size
-        };
+        let page = if kind == PoolKind::Small { SMALL_BUFFER } else { self.config.large_segment_size };
         let space = self.device_total + self.device_total / 8;
         let max_pages = space.div_ceil(page);
         let base = self.device.reserve(page * max_pages)?;
-        let seg = ExpandableSegment {
-            base,
-            page,
-            max_pages,
-            stream,
-            mapped: Vec::new(),
-        };
+        let seg = ExpandableSegment { base, page, max_pages, stream, mapped: Vec::new() };
         let mut b = Block::new(base, seg.size(), stream, kind);
         b.mapped = false;
         b.expandable = Some(self.segments.len() as u32);
@@ -110,8 +96,7 @@ impl<D: Device> Engine<D> {
     fn map_block(&mut self, id: BlockId, size: u64) -> Result<bool, AllocError> {
         let b = &self.blocks[id];
         debug_assert!(!b.mapped && size <= b.size);
-        let (ptr, kind, stream, seg_index) =
-            (b.ptr, b.pool, b.stream, b.expandable.unwrap() as usize);
+        let (ptr, kind, stream, seg_index) = (b.ptr, b.pool, b.stream, b.expandable.unwrap() as usize);
         let seg = self.segments[seg_index].as_mut().expect("live segment");
         let (begin, end) = (seg.left(ptr), seg.right(ptr + size));
         debug_assert_eq!(seg.base + begin * seg.page, ptr);
@@ -251,8 +236,7 @@ impl<D: Device> Engine<D> {
         self.total_reserved -= usize_;
         self.stats.reserved_bytes.decrease(kind, usize_);
         self.stats.num_device_free += 1;
-        self.history
-            .record(Action::SegmentUnmap, uptr, usize_, stream);
+        self.history.record(Action::SegmentUnmap, uptr, usize_, stream);
         Ok(())
     }
 

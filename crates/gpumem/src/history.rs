@@ -89,12 +89,7 @@ pub(crate) struct History {
 
 impl Default for History {
     fn default() -> Self {
-        History {
-            enabled: false,
-            max_entries: usize::MAX,
-            entries: VecDeque::new(),
-            tag: String::new(),
-        }
+        History { enabled: false, max_entries: usize::MAX, entries: VecDeque::new(), tag: String::new() }
     }
 }
 
@@ -111,13 +106,6 @@ impl History {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        self.entries.push_back(TraceEntry {
-            action,
-            addr,
-            size,
-            stream,
-            time_us,
-            tag: self.tag.clone(),
-        });
+        self.entries.push_back(TraceEntry { action, addr, size, stream, time_us, tag: self.tag.clone() });
     }
 }

@@ -29,11 +29,7 @@ pub(crate) fn size_key(b: &Block, id: BlockId) -> SizeKey {
 
 impl BlockPool {
     pub(crate) fn new() -> BlockPool {
-        BlockPool {
-            blocks: BTreeSet::new(),
-            unmapped: BTreeSet::new(),
-            get_free_blocks_call_count: 0,
-        }
+        BlockPool { blocks: BTreeSet::new(), unmapped: BTreeSet::new(), get_free_blocks_call_count: 0 }
     }
 
     /// Caches a free block, stamping its age.
@@ -57,8 +53,6 @@ impl BlockPool {
 
     /// Free blocks of `stream` of at least `size` bytes, smallest first.
     pub(crate) fn fitting(&self, stream: u64, size: u64) -> impl Iterator<Item = &SizeKey> {
-        self.blocks
-            .range((Included((stream, size, 0, 0)), Unbounded))
-            .take_while(move |k| k.0 == stream)
+        self.blocks.range((Included((stream, size, 0, 0)), Unbounded)).take_while(move |k| k.0 == stream)
     }
 }

@@ -32,10 +32,7 @@ impl<D: Device> Engine<D> {
             };
             self.device.record_event(event, stream)?;
             self.blocks[id].event_count += 1;
-            self.events
-                .entry(stream)
-                .or_default()
-                .push_back((event, id));
+            self.events.entry(stream).or_default().push_back((event, id));
         }
         Ok(())
     }
@@ -149,10 +146,8 @@ impl<D: Device> Engine<D> {
         }
         let key_size = size.max(max_split);
         let pool = &self.pools[pool_index(kind)];
-        let single = pool
-            .fitting(stream.0, key_size)
-            .find(|k| self.blocks[k.3].expandable.is_none())
-            .copied();
+        let single =
+            pool.fitting(stream.0, key_size).find(|k| self.blocks[k.3].expandable.is_none()).copied();
         if let Some(k) = single {
             self.release_block(k.3)?;
             return Ok(true);

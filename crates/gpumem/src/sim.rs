@@ -176,22 +176,12 @@ impl SimDevice {
 
     /// Live segments as `(address, size)`, in address order.
     pub fn live_segments(&self) -> Vec<(u64, u64)> {
-        self.state
-            .lock()
-            .segments
-            .iter()
-            .map(|(&p, &s)| (p, s))
-            .collect()
+        self.state.lock().segments.iter().map(|(&p, &s)| (p, s)).collect()
     }
 
     /// Live mappings as `(address, size)`, in address order.
     pub fn live_mappings(&self) -> Vec<(u64, u64)> {
-        self.state
-            .lock()
-            .mappings
-            .iter()
-            .map(|(&p, &s)| (p, s))
-            .collect()
+        self.state.lock().mappings.iter().map(|(&p, &s)| (p, s)).collect()
     }
 
     /// Live virtual address reservations as `(address, size)`.
@@ -203,10 +193,7 @@ impl SimDevice {
     /// Events recorded and not yet complete.
     pub fn pending_events(&self) -> usize {
         let s = self.state.lock();
-        s.events
-            .values()
-            .filter(|e| e.stream.is_some() && !e.complete)
-            .count()
+        s.events.values().filter(|e| e.stream.is_some() && !e.complete).count()
     }
 }
 
@@ -234,9 +221,7 @@ impl State {
     }
 
     fn event(&mut self, event: EventId) -> Result<&mut Event, DeviceError> {
-        self.events
-            .get_mut(&event.0)
-            .ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
+        self.events.get_mut(&event.0).ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
     }
 }
 
@@ -271,10 +256,7 @@ impl Device for SimDevice {
 
     fn free(&self, ptr: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
-        let size = s
-            .segments
-            .remove(&ptr)
-            .ok_or(DeviceError::InvalidAddress(ptr, "not a live segment"))?;
+        let size = s.segments.remove(&ptr).ok_or(DeviceError::InvalidAddress(ptr, "not a live segment"))?;
         s.used -= size;
         s.counters.frees += 1;
         Ok(())
@@ -298,16 +280,10 @@ impl Device for SimDevice {
     fn unreserve(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
         if s.reservations.get(&ptr) != Some(&size) {
-            return Err(DeviceError::InvalidAddress(
-                ptr,
-                "not a reservation of that size",
-            ));
+            return Err(DeviceError::InvalidAddress(ptr, "not a reservation of that size"));
         }
         if overlaps(&s.mappings, ptr, size) {
-            return Err(DeviceError::InvalidAddress(
-                ptr,
-                "reservation still has mapped pages",
-            ));
+            return Err(DeviceError::InvalidAddress(ptr, "reservation still has mapped pages"));
         }
         s.reservations.remove(&ptr);
         s.counters.unreserves += 1;
@@ -316,16 +292,9 @@ impl Device for SimDevice {
 
     fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
-        let inside = s
-            .reservations
-            .range(..=ptr)
-            .next_back()
-            .is_some_and(|(&p, &z)| ptr + size <= p + z);
+        let inside = s.reservations.range(..=ptr).next_back().is_some_and(|(&p, &z)| ptr + size <= p + z);
         if !inside || size == 0 || !ptr.is_multiple_of(ALIGN) || !size.is_multiple_of(ALIGN) {
-            return Err(DeviceError::InvalidAddress(
-                ptr,
-                "map outside a reservation or unaligned",
-            ));
+            return Err(DeviceError::InvalidAddress(ptr, "map outside a reservation or unaligned"));
         }
         if overlaps(&s.mappings, ptr, size) {
             return Err(DeviceError::InvalidAddress(ptr, "range already mapped"));
@@ -339,10 +308,7 @@ impl Device for SimDevice {
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
         if s.mappings.get(&ptr) != Some(&size) {
-            return Err(DeviceError::InvalidAddress(
-                ptr,
-                "not a mapping of that size",
-            ));
+            return Err(DeviceError::InvalidAddress(ptr, "not a mapping of that size"));
         }
         s.mappings.remove(&ptr);
         s.used -= size;
@@ -361,10 +327,7 @@ impl Device for SimDevice {
 
     fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
-        s.events
-            .remove(&event.0)
-            .map(|_| ())
-            .ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
+        s.events.remove(&event.0).map(|_| ()).ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
     }
 
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {

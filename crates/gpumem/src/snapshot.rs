@@ -99,12 +99,7 @@ impl<D: Device> Engine<D> {
                     seg.active_size += b.size;
                     seg.requested_size += b.requested;
                 }
-                seg.blocks.push(BlockInfo {
-                    address: b.ptr,
-                    size: b.size,
-                    requested_size: requested,
-                    state,
-                });
+                seg.blocks.push(BlockInfo { address: b.ptr, size: b.size, requested_size: requested, state });
                 cur = b.next.map(|n| &self.blocks[n]);
             }
             out.push(seg);

@@ -29,10 +29,7 @@ impl Stat {
     }
     pub(crate) fn decrease(&mut self, n: u64) {
         self.current -= n as i64;
-        debug_assert!(
-            self.current >= 0,
-            "negative stat: allocator bookkeeping error"
-        );
+        debug_assert!(self.current >= 0, "negative stat: allocator bookkeeping error");
         self.freed += n as i64;
     }
     fn reset_accumulated(&mut self) {
@@ -236,15 +233,7 @@ mod tests {
         s.increase(10);
         s.decrease(4);
         s.increase(1);
-        assert_eq!(
-            s,
-            Stat {
-                current: 7,
-                peak: 10,
-                allocated: 11,
-                freed: 4
-            }
-        );
+        assert_eq!(s, Stat { current: 7, peak: 10, allocated: 11, freed: 4 });
         s.reset_peak();
         assert_eq!(s.peak, 7);
         s.reset_accumulated();

@@ -58,10 +58,7 @@ pub fn memory_summary(stats: &DeviceStats, device: usize, abbreviated: bool) -> 
     let rule = |c: char| c.to_string().repeat(75);
     let mut lines = vec![
         rule('='),
-        format!(
-            " {:16} PyTorch CUDA memory summary, device ID {:<17} ",
-            "", device
-        ),
+        format!(" {:16} PyTorch CUDA memory summary, device ID {:<17} ", "", device),
         rule('-'),
         format!(
             "  {:9} CUDA OOMs: {:<12} | {:6} cudaMalloc retries: {:<8}  ",
@@ -75,11 +72,7 @@ pub fn memory_summary(stats: &DeviceStats, device: usize, abbreviated: bool) -> 
         (&stats.active_bytes, "Active memory", format_size),
         (&stats.requested_bytes, "Requested memory", format_size),
         (&stats.reserved_bytes, "GPU reserved memory", format_size),
-        (
-            &stats.inactive_split_bytes,
-            "Non-releasable memory",
-            format_size,
-        ),
+        (&stats.inactive_split_bytes, "Non-releasable memory", format_size),
         (&stats.allocation, "Allocations", format_count),
         (&stats.active, "Active allocs", format_count),
         (&stats.segment, "GPU reserved segments", format_count),

@@ -26,18 +26,11 @@ fn check_consistent(a: &Allocator<SimDevice>) {
         ("allocated_bytes", want.allocated_bytes, got.allocated_bytes),
         ("reserved_bytes", want.reserved_bytes, got.reserved_bytes),
         ("active_bytes", want.active_bytes, got.active_bytes),
-        (
-            "inactive_split_bytes",
-            want.inactive_split_bytes,
-            got.inactive_split_bytes,
-        ),
+        ("inactive_split_bytes", want.inactive_split_bytes, got.inactive_split_bytes),
         ("requested_bytes", want.requested_bytes, got.requested_bytes),
     ] {
         for i in 0..3 {
-            assert_eq!(
-                w.0[i].current, g.0[i].current,
-                "{name}[{i}] differs from a recount"
-            );
+            assert_eq!(w.0[i].current, g.0[i].current, "{name}[{i}] differs from a recount");
         }
     }
 }
@@ -52,10 +45,7 @@ fn one_mib_plus_one_takes_a_20_mib_segment() {
     assert_eq!(a.memory_allocated(), MIB + 512);
     let s = a.stats();
     assert_eq!(s.inactive_split.all().current, 1);
-    assert_eq!(
-        s.inactive_split_bytes.all().current as u64,
-        20 * MIB - (MIB + 512)
-    );
+    assert_eq!(s.inactive_split_bytes.all().current as u64, 20 * MIB - (MIB + 512));
     check_consistent(&a);
 }
 
@@ -140,11 +130,7 @@ fn live_block_pins_its_segment_through_empty_cache() {
     a.empty_cache().unwrap();
     assert_eq!(a.memory_reserved(), 20 * MIB);
     let s = a.stats();
-    assert_eq!(
-        s.inactive_split_bytes.all().current as u64,
-        18 * MIB,
-        "non-releasable"
-    );
+    assert_eq!(s.inactive_split_bytes.all().current as u64, 18 * MIB, "non-releasable");
     assert_eq!(sim.live_segments().len(), 1);
     a.free(p).unwrap();
     a.empty_cache().unwrap();
@@ -165,11 +151,7 @@ fn max_split_size_keeps_oversize_blocks_whole() {
     // an oversize request takes it only within 20 MiB of its size
     let p = a.malloc(85 * MIB, S0).unwrap();
     assert_eq!(p, big);
-    assert_eq!(
-        a.memory_allocated(),
-        110 * MIB,
-        "oversize blocks are not split"
-    );
+    assert_eq!(a.memory_allocated(), 110 * MIB, "oversize blocks are not split");
     let s = a.stats();
     assert_eq!(s.oversize_allocations.current, 1);
     assert_eq!(s.oversize_segments.current, 1);
@@ -196,27 +178,15 @@ fn oom_frees_oversize_blocks_then_everything_then_reports() {
     // 70 MiB: no oversize block to free, so step 2 flushes the cached 30 MiB and retries
     let q = a.malloc(70 * MIB, S0).unwrap();
     let s = a.stats();
-    assert_eq!(
-        (
-            s.num_device_free,
-            s.num_alloc_retries,
-            s.num_sync_all_streams
-        ),
-        (2, 1, 1)
-    );
+    assert_eq!((s.num_device_free, s.num_alloc_retries, s.num_sync_all_streams), (2, 1, 1));
     assert_eq!(a.memory_reserved(), 280 * MIB);
     let e = a.malloc(100 * MIB, S0).unwrap_err();
-    let AllocError::OutOfMemory(oom) = &e else {
-        panic!("expected out of memory, got {e}")
-    };
+    let AllocError::OutOfMemory(oom) = &e else { panic!("expected out of memory, got {e}") };
     assert_eq!(oom.requested, 100 * MIB);
     assert_eq!(oom.allocated, 280 * MIB);
     assert_eq!(oom.free, 20 * MIB);
     let msg = e.to_string();
-    assert!(
-        msg.contains("100.00 MiB") && msg.contains("20.00 MiB is free"),
-        "{msg}"
-    );
+    assert!(msg.contains("100.00 MiB") && msg.contains("20.00 MiB is free"), "{msg}");
     assert_eq!(a.stats().num_ooms, 1);
     // it keeps working
     a.free(q).unwrap();
@@ -238,9 +208,7 @@ fn oom_message_points_at_fragmentation() {
         }
     }
     let e = a.malloc(40 * MIB, S0).unwrap_err();
-    let AllocError::OutOfMemory(oom) = &e else {
-        panic!()
-    };
+    let AllocError::OutOfMemory(oom) = &e else { panic!() };
     assert_eq!(oom.reserved_unallocated(), 75 * MIB);
     assert_eq!(oom.non_releasable, 75 * MIB);
     assert_eq!(oom.largest_free_block, 15 * MIB);
@@ -254,27 +222,15 @@ fn misuse_is_an_error_that_changes_nothing() {
     let (_, a) = setup("");
     let p = a.malloc(MIB, S0).unwrap();
     let before = a.memory_stats();
-    assert!(matches!(
-        a.free(p + 512),
-        Err(AllocError::InvalidPointer(_))
-    ));
-    assert!(matches!(
-        a.free(0xdead_beef),
-        Err(AllocError::InvalidPointer(_))
-    ));
+    assert!(matches!(a.free(p + 512), Err(AllocError::InvalidPointer(_))));
+    assert!(matches!(a.free(0xdead_beef), Err(AllocError::InvalidPointer(_))));
     assert!(a.record_stream(0x1234, StreamId(7)).is_err());
     assert_eq!(a.memory_stats(), before);
     a.free(p).unwrap();
     let after = a.memory_stats();
-    assert!(
-        matches!(a.free(p), Err(AllocError::InvalidPointer(_))),
-        "double free"
-    );
+    assert!(matches!(a.free(p), Err(AllocError::InvalidPointer(_))), "double free");
     assert_eq!(a.memory_stats(), after);
-    assert!(matches!(
-        a.malloc(1 << 62, S0),
-        Err(AllocError::TooLarge(_))
-    ));
+    assert!(matches!(a.malloc(1 << 62, S0), Err(AllocError::TooLarge(_))));
     assert_eq!(a.malloc(0, S0).unwrap(), 0);
     a.free(0).unwrap();
     check_consistent(&a);
@@ -301,15 +257,8 @@ fn record_stream_delays_reuse_until_the_event_completes() {
     a.free(p).unwrap();
     let s = a.stats();
     assert_eq!(s.allocated_bytes.all().current, 0);
-    assert_eq!(
-        s.active_bytes.all().current as u64,
-        8 * MIB,
-        "pending free stays active"
-    );
-    assert_eq!(
-        a.snapshot()[0].blocks[0].state,
-        gpumem::BlockState::ActivePendingFree
-    );
+    assert_eq!(s.active_bytes.all().current as u64, 8 * MIB, "pending free stays active");
+    assert_eq!(a.snapshot()[0].blocks[0].state, gpumem::BlockState::ActivePendingFree);
     check_consistent(&a);
     let q = a.malloc(8 * MIB, S0).unwrap();
     assert_ne!(q, p, "the side stream may still read p");
@@ -339,9 +288,7 @@ fn memory_fraction_caps_reserved_memory() {
     a.set_per_process_memory_fraction(0.5).unwrap();
     let p = a.malloc(400 * MIB, S0).unwrap();
     let e = a.malloc(200 * MIB, S0).unwrap_err();
-    let AllocError::OutOfMemory(oom) = &e else {
-        panic!()
-    };
+    let AllocError::OutOfMemory(oom) = &e else { panic!() };
     assert_eq!(oom.allowed, Some(500 * MIB));
     assert!(e.to_string().contains("fraction"), "{e}");
     a.free(p).unwrap();
@@ -364,14 +311,7 @@ fn garbage_collection_frees_old_cached_segments() {
     assert_eq!(a.memory_reserved(), 750 * MIB);
     let s = a.stats();
     assert_eq!((s.num_device_free, s.num_alloc_retries), (1, 0));
-    assert_eq!(
-        a.snapshot()
-            .iter()
-            .map(|s| s.total_size)
-            .collect::<Vec<_>>()
-            .len(),
-        2
-    );
+    assert_eq!(a.snapshot().iter().map(|s| s.total_size).collect::<Vec<_>>().len(), 2);
     a.free(z).unwrap();
     a.empty_cache().unwrap();
     assert_eq!(sim.used(), 0);
@@ -396,11 +336,7 @@ fn expandable_segments_grow_by_pages_and_unmap_free_pages() {
     assert_eq!(q, p + 30 * MIB, "the segment grows in place");
     assert_eq!(a.memory_reserved(), 60 * MIB);
     let s = a.stats();
-    assert_eq!(
-        s.segment.all().current,
-        0,
-        "expandable memory is not counted as segments"
-    );
+    assert_eq!(s.segment.all().current, 0, "expandable memory is not counted as segments");
     assert_eq!(s.num_device_alloc, 2);
     check_consistent(&a);
     a.free(p).unwrap();
@@ -424,16 +360,7 @@ fn history_records_pytorch_actions() {
     a.free(p).unwrap();
     a.empty_cache().unwrap();
     let names: Vec<_> = a.history().iter().map(|e| e.action.name()).collect();
-    assert_eq!(
-        names,
-        [
-            "segment_alloc",
-            "alloc",
-            "free_requested",
-            "free_completed",
-            "segment_free"
-        ]
-    );
+    assert_eq!(names, ["segment_alloc", "alloc", "free_requested", "free_completed", "segment_free"]);
 }
 
 #[test]
