@@ -1,0 +1,154 @@
+//! Property tests: random sequences of alloc, free, record_stream, event completion and
+//! empty_cache over several streams, in every policy, checked after every step.
+
+use gpumem::{recount, AllocError, Allocator, AllocatorConfig, BlockState, SimDevice, StreamId};
+use proptest::prelude::*;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+enum Step {
+    Alloc { size: u64, stream: u8 },
+    Free { pick: usize },
+    RecordStream { pick: usize, stream: u8 },
+    Complete { stream: u8 },
+    EmptyCache,
+}
+
+fn size() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => 1..=MIB,                 // small pool
+        3 => MIB + 1..10 * MIB,       // 20 MiB segments
+        2 => 10 * MIB..120 * MIB,     // own segments
+        1 => prop::sample::select(vec![512, MIB, 2 * MIB, 20 * MIB, 64 * MIB]),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        5 => (size(), 0u8..3).prop_map(|(size, stream)| Step::Alloc { size, stream }),
+        4 => any::<usize>().prop_map(|pick| Step::Free { pick }),
+        1 => (any::<usize>(), 0u8..3).prop_map(|(pick, stream)| Step::RecordStream { pick, stream }),
+        1 => (0u8..3).prop_map(|stream| Step::Complete { stream }),
+        1 => Just(Step::EmptyCache),
+    ]
+}
+
+fn check(a: &Allocator<SimDevice>, sim: &SimDevice, live: &[(u64, u64)]) {
+    let snap = a.snapshot();
+    // no two live blocks overlap, and every live pointer is an allocated block
+    let mut blocks: Vec<(u64, u64)> = snap
+        .iter()
+        .flat_map(|s| s.blocks.iter())
+        .filter(|b| b.state == BlockState::ActiveAllocated)
+        .map(|b| (b.address, b.size))
+        .collect();
+    blocks.sort();
+    for w in blocks.windows(2) {
+        assert!(w[0].0 + w[0].1 <= w[1].0, "live blocks overlap: {w:?}");
+    }
+    assert_eq!(blocks.len(), live.len());
+    for &(p, size) in live {
+        let i = blocks.binary_search_by_key(&p, |b| b.0).expect("a live pointer has its block");
+        assert!(blocks[i].1 >= size, "block smaller than the request");
+    }
+    // segments lie in device memory and do not overlap
+    let mut segs: Vec<(u64, u64)> = snap.iter().map(|s| (s.address, s.total_size)).collect();
+    segs.sort();
+    for w in segs.windows(2) {
+        assert!(w[0].0 + w[0].1 <= w[1].0, "segments overlap: {w:?}");
+    }
+    // every stat equals a recount from scratch
+    let want = recount(&snap);
+    let got = a.stats();
+    let pairs = [
+        (&want.allocation, &got.allocation, "allocation"),
+        (&want.segment, &got.segment, "segment"),
+        (&want.active, &got.active, "active"),
+        (&want.inactive_split, &got.inactive_split, "inactive_split"),
+        (&want.allocated_bytes, &got.allocated_bytes, "allocated_bytes"),
+        (&want.reserved_bytes, &got.reserved_bytes, "reserved_bytes"),
+        (&want.active_bytes, &got.active_bytes, "active_bytes"),
+        (&want.inactive_split_bytes, &got.inactive_split_bytes, "inactive_split_bytes"),
+        (&want.requested_bytes, &got.requested_bytes, "requested_bytes"),
+    ];
+    for (w, g, name) in pairs {
+        for i in 0..3 {
+            assert_eq!(w.0[i].current, g.0[i].current, "{name}[{i}] != recount");
+            assert!(g.0[i].peak >= g.0[i].current, "{name}[{i}] peak below current");
+        }
+    }
+    // reserved is what the device has handed out
+    assert_eq!(got.reserved_bytes.all().current as u64, sim.used());
+}
+
+fn run(config: &str, steps: &[Step]) {
+    let sim = SimDevice::new(1 << 30);
+    let a = Allocator::new(sim.clone(), AllocatorConfig::parse(config).unwrap()).unwrap();
+    let mut live: Vec<(u64, u64)> = Vec::new();
+    for s in steps {
+        match *s {
+            Step::Alloc { size, stream } => match a.malloc(size, StreamId(stream as u64)) {
+                Ok(p) => live.push((p, size)),
+                Err(AllocError::OutOfMemory(_)) => {}
+                Err(e) => panic!("unexpected error {e}"),
+            },
+            Step::Free { pick } => {
+                if !live.is_empty() {
+                    let (p, _) = live.swap_remove(pick % live.len());
+                    a.free(p).unwrap();
+                    assert!(a.free(p).is_err(), "a double free must be refused");
+                }
+            }
+            Step::RecordStream { pick, stream } => {
+                if !live.is_empty() {
+                    a.record_stream(live[pick % live.len()].0, StreamId(stream as u64)).unwrap();
+                }
+            }
+            Step::Complete { stream } => {
+                sim.complete_stream(StreamId(stream as u64));
+                a.process_events().unwrap();
+            }
+            Step::EmptyCache => a.empty_cache().unwrap(),
+        }
+        check(&a, &sim, &live);
+    }
+    for (p, _) in live.drain(..) {
+        a.free(p).unwrap();
+    }
+    a.empty_cache().unwrap();
+    check(&a, &sim, &live);
+    assert_eq!(a.memory_reserved(), 0);
+    assert_eq!(a.memory_allocated(), 0);
+    assert_eq!(sim.used(), 0);
+    assert!(sim.live_segments().is_empty());
+    assert!(sim.live_mappings().is_empty());
+    assert!(sim.live_reservations().is_empty());
+}
+
+// 4 configurations × 2,500 cases = 10,000 random sequences.
+const CASES: u32 = 2500;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+    #[test]
+    fn torch_default(steps in prop::collection::vec(step(), 1..60)) {
+        run("", &steps);
+    }
+
+    #[test]
+    fn torch_max_split_and_divisions(steps in prop::collection::vec(step(), 1..60)) {
+        run("max_split_size_mb:64,roundup_power2_divisions:4", &steps);
+    }
+
+    #[test]
+    fn torch_expandable(steps in prop::collection::vec(step(), 1..60)) {
+        run("expandable_segments:True", &steps);
+    }
+
+    #[test]
+    fn torch_with_gc(steps in prop::collection::vec(step(), 1..60)) {
+        run("garbage_collection_threshold:0.6,per_process_memory_fraction:0.8", &steps);
+    }
+}
