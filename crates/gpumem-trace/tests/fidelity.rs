@@ -76,7 +76,8 @@ fn torch_policy_reproduces_pytorch_exactly() {
     let torch = Policy::parse("torch").unwrap();
     for f in &PYTORCH {
         let trace = read_trace(&data(f.trace)).unwrap();
-        let (r, alloc) = replay_into(&trace, &torch, SimDevice::default(), &verify(), &mut |_, _| {}).unwrap();
+        let (r, alloc) =
+            replay_into(&trace, &torch, SimDevice::default(), &verify(), &mut |_, _| {}).unwrap();
         assert_eq!(r.ops, f.ops, "{}: ops", f.trace);
         assert_eq!(r.peak_requested, f.peak_live, "{}: peak live", f.trace);
         assert_eq!(r.peak_allocated, f.peak_allocated, "{}: peak allocated", f.trace);
@@ -98,9 +99,16 @@ fn torch_expandable_is_within_one_percent_of_pytorch() {
     let policy = Policy::parse("torch-expandable").unwrap();
     for f in &PYTORCH {
         let trace = read_trace(&data(f.trace)).unwrap();
-        let r = replay(&trace, &policy, SimDevice::default(), &ReplayOptions::default(), &mut |_, _| {}).unwrap();
+        let r =
+            replay(&trace, &policy, SimDevice::default(), &ReplayOptions::default(), &mut |_, _| {}).unwrap();
         let ratio = r.peak_reserved as f64 / f.expandable_reserved as f64;
-        assert!((ratio - 1.0).abs() <= 0.01, "{}: {} vs PyTorch's {}", f.trace, r.peak_reserved, f.expandable_reserved);
+        assert!(
+            (ratio - 1.0).abs() <= 0.01,
+            "{}: {} vs PyTorch's {}",
+            f.trace,
+            r.peak_reserved,
+            f.expandable_reserved
+        );
     }
 }
 

@@ -1,0 +1,147 @@
+//! The `gpumem` command's contract: output, JSON fields and exit codes.
+
+use std::process::{Command, Output};
+
+fn gpumem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpumem")).args(args).env_remove("GPUMEM_ALLOC_CONF").output().unwrap()
+}
+
+fn data(name: &str) -> String {
+    format!("{}/../../testdata/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn replay_json_has_the_contract_fields() {
+    let o = gpumem(&["replay", &data("resnet50_train.jsonl.gz"), "--policy", "torch", "--json", "--verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1);
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    for key in [
+        "trace",
+        "policy",
+        "device",
+        "ops",
+        "peak_requested",
+        "peak_allocated",
+        "peak_reserved",
+        "reserved_ratio",
+        "device_allocs",
+        "device_frees",
+        "device_maps",
+        "device_unmaps",
+        "ooms",
+        "alloc_retries",
+        "seconds",
+        "ns_per_op",
+        "steady_ns_per_op",
+        "segments_expected",
+        "segments_matched",
+        "allocs_expected",
+        "allocs_matched",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["trace"], "resnet50_train.jsonl.gz");
+    assert_eq!(v["device"], "sim");
+    assert_eq!(v["peak_reserved"], 7031750656u64);
+    assert_eq!(v["segments_matched"], 111);
+    assert_eq!(v["allocs_matched"], 3228);
+}
+
+#[test]
+fn replay_without_a_policy_compares_every_policy() {
+    let o = gpumem(&["replay", &data("vit_train_amp.jsonl.gz"), "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let policies: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["policy"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(policies, ["torch", "torch-expandable"]);
+    let table = gpumem(&["replay", &data("vit_train_amp.jsonl.gz")]);
+    let text = stdout(&table);
+    assert!(text.contains("peak reserved") && text.contains("torch-expandable"), "{text}");
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("gpumem-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, [0x13u8, 0x37, 0x00, 0xff, 0x42]).unwrap();
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, b"").unwrap();
+    let trace = data("resnet50_train.jsonl.gz");
+    for args in [
+        vec!["replay", junk.to_str().unwrap()],
+        vec!["replay", empty.to_str().unwrap()],
+        vec!["replay", "/no/such/file.jsonl"],
+        vec!["replay", &trace, "--policy", "tensorflow"],
+        vec!["replay", &trace, "--policy", "torch:max_split_size_mb:5"],
+        vec!["replay", &trace, "--capacity", "lots"],
+        vec!["summary", junk.to_str().unwrap()],
+        vec!["replay"],
+        vec!["frobnicate"],
+    ] {
+        let o = gpumem(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        if args.len() > 1 && args[0] == "replay" && args[1] != "--help" {
+            assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{args:?}: {}", stderr(&o));
+        }
+    }
+    let o = gpumem(&["replay", junk.to_str().unwrap()]);
+    assert!(stderr(&o).contains("junk.bin"), "the error names the file: {}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn strict_replay_of_an_inconsistent_trace_exits_1() {
+    let dir = std::env::temp_dir().join(format!("gpumem-strict-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = dir.join("twice.jsonl");
+    std::fs::write(
+        &t,
+        "{\"a\": \"alloc\", \"p\": 4096, \"s\": 10, \"t\": 0}\n{\"a\": \"free_requested\", \"p\": 77, \"s\": 10, \"t\": 0}\n",
+    )
+    .unwrap();
+    let o = gpumem(&["replay", t.to_str().unwrap(), "--strict"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("line 2: free of an unknown address"), "{}", stderr(&o));
+    let o = gpumem(&["replay", t.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("\"skipped\":1"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn summary_prints_pytorchs_table() {
+    let o = gpumem(&["summary", &data("snapshot_sample.pickle"), "--at-end"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let want = std::fs::read_to_string(data("summary_sample.txt")).unwrap();
+    let out = stdout(&o);
+    let table: String = out.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    assert_eq!(table.trim_end(), want.trim_end());
+    let o = gpumem(&["summary", &data("resnet50_train.jsonl.gz")]);
+    assert!(stdout(&o).contains("at its peak"), "{}", stdout(&o));
+}
+
+#[test]
+fn demo_without_a_gpu_runs_on_the_simulated_device_and_says_so() {
+    let o = gpumem(&["demo"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.to_lowercase().contains("simulated"), "{out}");
+    assert!(out.contains("memory_reserved()"), "{out}");
+    assert!(out.contains("back where it began"), "{out}");
+}

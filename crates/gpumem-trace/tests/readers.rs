@@ -1,0 +1,212 @@
+//! Each reader on real files, and on each kind of broken file.
+
+use gpumem::{Action, Policy, SimDevice};
+use gpumem_trace::{read_trace, read_trace_bytes, replay, Location, ReplayError, ReplayOptions};
+use std::collections::BTreeMap;
+
+fn data(name: &str) -> String {
+    format!("{}/../../testdata/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn err(bytes: &[u8]) -> String {
+    read_trace_bytes("bad.trace", bytes).unwrap_err().to_string()
+}
+
+#[test]
+fn reads_gzipped_json_lines_with_the_runs_stats() {
+    let t = read_trace(&data("resnet50_train.jsonl.gz")).unwrap();
+    assert_eq!(t.events.iter().filter(|e| e.action == Action::Alloc).count(), 3228);
+    assert_eq!(t.events.iter().filter(|e| e.action == Action::SegmentAlloc).count(), 111);
+    let stats = t.stats.as_ref().unwrap();
+    assert_eq!(stats.len(), 122);
+    assert_eq!(stats["reserved_bytes.all.peak"], 7031750656);
+    let first = t.events[0];
+    assert_eq!((first.action, first.addr, first.size), (Action::SegmentAlloc, 139740114321408, 2097152));
+    assert_eq!(first.origin, Location::Line(1));
+}
+
+#[test]
+fn reads_plain_json_lines_too() {
+    let gz = std::fs::read(data("vit_train_amp.jsonl.gz")).unwrap();
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut plain).unwrap();
+    let a = read_trace_bytes("vit.jsonl", &plain).unwrap();
+    let b = read_trace(&data("vit_train_amp.jsonl.gz")).unwrap();
+    assert_eq!(a.events, b.events);
+}
+
+#[test]
+fn reads_the_real_snapshot_pickle() {
+    let t = read_trace(&data("snapshot_sample.pickle")).unwrap();
+    let count = |a| t.events.iter().filter(|e| e.action == a).count();
+    // checked against Python's own pickle: 76 alloc, 61 free_requested, 61 free_completed,
+    // 16 segment_alloc, 6 segment_free
+    assert_eq!(t.events.len(), 220);
+    assert_eq!(count(Action::Alloc), 76);
+    assert_eq!(count(Action::FreeRequested), 61);
+    assert_eq!(count(Action::FreeCompleted), 61);
+    assert_eq!(count(Action::SegmentAlloc), 16);
+    assert_eq!(count(Action::SegmentFree), 6);
+    assert_eq!(t.events[0].addr, 140580025794560);
+    assert_eq!(t.events[0].size, 16777216);
+}
+
+#[test]
+fn reads_rmm_logs() {
+    let csv = "Thread,Time,Action,Pointer,Size,Stream\n\
+               1,08:00:00.000001,allocate,0x7f0000000000,1048576,0\n\
+               1,08:00:00.000002,allocate,0x7f0000100000,4096,0x5a\n\
+               1,08:00:00.000003,free,0x7f0000000000,1048576,0\n\
+               1,08:00:00.000004,allocate failure,(nil),999999999999,0\n";
+    let t = read_trace_bytes("rmm.csv", csv.as_bytes()).unwrap();
+    assert_eq!(t.events.len(), 5);
+    assert_eq!(t.events[1].stream.0, 0x5a);
+    assert_eq!(t.events[1].addr, 0x7f0000100000);
+    let r = replay(
+        &t,
+        &Policy::parse("torch").unwrap(),
+        SimDevice::default(),
+        &ReplayOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(r.ops, 3);
+    assert_eq!(r.peak_requested, 1048576 + 4096);
+    assert_eq!(r.live_at_end, 1);
+    let bad = "Thread,Time,Action,Pointer,Size,Stream\n1,08:00:00.000001,allocate,0x7f00,lots,0\n";
+    assert_eq!(
+        err(bad.as_bytes()),
+        "bad.trace: line 2: bad size \"lots\" (a non-negative integer is expected)"
+    );
+}
+
+#[test]
+fn a_truncated_gzip_is_an_error_with_an_offset() {
+    let gz = std::fs::read(data("resnet50_train.jsonl.gz")).unwrap();
+    let e = err(&gz[..gz.len() / 2]);
+    assert!(e.starts_with("bad.trace: byte "), "{e}");
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn random_bytes_are_not_a_trace() {
+    let mut x: u32 = 12345;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            x = x.wrapping_mul(1103515245).wrapping_add(12345);
+            (x >> 16) as u8
+        })
+        .collect();
+    let e = err(&bytes);
+    assert!(e.starts_with("bad.trace: "), "{e}");
+    assert!(!e.contains('\n'));
+}
+
+#[test]
+fn an_empty_file_is_an_error() {
+    assert_eq!(err(b""), "bad.trace: the file is empty");
+    assert_eq!(err(b"  \n\n"), "bad.trace: the file is empty");
+}
+
+#[test]
+fn pickles_of_the_wrong_shape_are_errors() {
+    let list = serde_pickle::to_vec(&vec![1, 2, 3], Default::default()).unwrap();
+    assert!(err(&list).contains("not a PyTorch snapshot pickle"), "{}", err(&list));
+    let mut m: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    m.insert("segments".into(), vec![]);
+    let no_traces = serde_pickle::to_vec(&m, Default::default()).unwrap();
+    assert!(err(&no_traces).contains("no \"device_traces\""), "{}", err(&no_traces));
+    // an entry without its size, then one with a negative size
+    #[derive(serde::Serialize)]
+    struct Entry {
+        action: &'static str,
+        addr: i64,
+        stream: i64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        size: Option<i64>,
+    }
+    #[derive(serde::Serialize)]
+    struct Snap {
+        device_traces: Vec<Vec<Entry>>,
+    }
+    let snap =
+        |size| Snap { device_traces: vec![vec![Entry { action: "alloc", addr: 4096, stream: 0, size }]] };
+    let bytes = serde_pickle::to_vec(&snap(None), Default::default()).unwrap();
+    assert_eq!(err(&bytes), "bad.trace: trace entry 0: missing \"size\"");
+    let bytes = serde_pickle::to_vec(&snap(Some(-5)), Default::default()).unwrap();
+    assert_eq!(err(&bytes), "bad.trace: trace entry 0: negative \"size\": -5");
+}
+
+#[test]
+fn json_lines_with_bad_fields_are_errors_naming_the_line() {
+    let cases = [
+        ("{\"a\": \"alloc\", \"p\": 1, \"t\": 0}\n", "line 1: missing field \"s\""),
+        (
+            "{\"a\": \"alloc\", \"p\": 1, \"s\": -5, \"t\": 0}\n",
+            "line 1: field \"s\" must be a non-negative integer, not -5",
+        ),
+        (
+            "{\"a\": \"alloc\", \"p\": 1, \"s\": \"abc\", \"t\": 0}\n",
+            "line 1: field \"s\" must be a non-negative integer, not \"abc\"",
+        ),
+        (
+            "{\"a\": \"alloc\", \"p\": 1, \"s\": 1.5, \"t\": 0}\n",
+            "line 1: field \"s\" must be a non-negative integer, not 1.5",
+        ),
+        (
+            "{\"a\": \"alloc\", \"p\": 1, \"s\": 2, \"t\": 0}\n{\"a\": \"teleport\", \"p\": 1, \"s\": 2}\n",
+            "line 2: unknown action \"teleport\"",
+        ),
+        ("{\"p\": 1}\n", "line 1: missing field \"a\" (the action)"),
+        ("{\"a\": \"alloc\", \"p\": 1, \"s\": 2\n", "line 1: invalid JSON"),
+    ];
+    for (text, want) in cases {
+        let e = err(text.as_bytes());
+        assert!(e.starts_with(&format!("bad.trace: {want}")), "{e} should start with {want}");
+    }
+}
+
+fn trace_of(lines: &[&str]) -> gpumem_trace::Trace {
+    read_trace_bytes("t.jsonl", lines.join("\n").as_bytes()).unwrap()
+}
+
+#[test]
+fn inconsistent_events_are_counted_or_stop_a_strict_replay() {
+    let t = trace_of(&[
+        r#"{"a": "alloc", "p": 4096, "s": 1000, "t": 0}"#,
+        r#"{"a": "alloc", "p": 4096, "s": 1000, "t": 0}"#,
+        r#"{"a": "free_requested", "p": 999, "s": 1000, "t": 0}"#,
+        r#"{"a": "alloc", "p": 8192, "s": 100000000000000, "t": 0}"#,
+        r#"{"a": "free_requested", "p": 4096, "s": 1000, "t": 0}"#,
+        r#"{"a": "free_completed", "p": 4096, "s": 1000, "t": 0}"#,
+    ]);
+    let torch = Policy::parse("torch").unwrap();
+    let r = replay(&t, &torch, SimDevice::default(), &ReplayOptions::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(r.skipped, 3);
+    assert_eq!(r.skipped_reasons["address allocated twice"], 1);
+    assert_eq!(r.skipped_reasons["free of an unknown address"], 1);
+    assert_eq!(r.skipped_reasons["allocation larger than the device's capacity"], 1);
+    assert_eq!(r.ops, 3);
+    let strict = ReplayOptions { strict: true, ..Default::default() };
+    let e = replay(&t, &torch, SimDevice::default(), &strict, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, ReplayError::Inconsistent { .. }));
+    assert_eq!(
+        e.to_string(),
+        "t.jsonl: line 2: address allocated twice (alloc at 0x1000, 1000 bytes); stopped because of --strict"
+    );
+}
+
+#[test]
+fn a_trace_that_runs_out_of_memory_is_reported() {
+    let t = trace_of(&[
+        r#"{"a": "alloc", "p": 4096, "s": 600000000, "t": 0}"#,
+        r#"{"a": "alloc", "p": 8192, "s": 600000000, "t": 0}"#,
+        r#"{"a": "free_requested", "p": 8192, "s": 600000000, "t": 0}"#,
+        r#"{"a": "free_completed", "p": 8192, "s": 600000000, "t": 0}"#,
+    ]);
+    let torch = Policy::parse("torch").unwrap();
+    let r = replay(&t, &torch, SimDevice::new(1 << 30), &ReplayOptions::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(r.ooms, 1);
+    assert_eq!(r.alloc_retries, 1);
+    assert_eq!(r.live_at_end, 1);
+}
