@@ -21,6 +21,8 @@ pub(crate) enum Command {
     Replay(ReplayArgs),
     /// Print memory_summary() at the trace's peak
     Summary(SummaryArgs),
+    /// The GPUs, the driver's free and used memory, and each process's use
+    Info(InfoArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,4 +84,11 @@ pub(crate) struct SummaryArgs {
     /// Leave out the per-pool rows
     #[arg(long)]
     pub abbreviated: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct InfoArgs {
+    /// One JSON object
+    #[arg(long)]
+    pub json: bool,
 }

@@ -2,80 +2,121 @@
 
 use crate::args::{DemoArgs, DeviceChoice};
 use crate::Failure;
-use gpumem::{format_size, Allocator, AllocatorConfig, Device, Policy, SimDevice, StreamId};
-use gpumem_trace::{ReplayError, ReplayOptions, ReplayReport, Trace};
+use gpumem::{
+    format_size, AllocError, Allocator, AllocatorConfig, CudaDevice, Device, SimDevice, StreamId, Tensor,
+};
+use std::sync::Arc;
 
-/// Replays on the real GPU (not available in this build yet: see `CudaDevice`).
-pub(crate) fn replay_on_cuda(
-    _trace: &Trace,
-    _policy: &Policy,
-    _opts: &ReplayOptions,
-    _tick: &mut dyn FnMut(u64, u64),
-) -> Result<Result<ReplayReport, ReplayError>, Failure> {
-    Err(Failure::Work("--device cuda: no CUDA driver was found on this machine; use --device sim".into()))
+/// The "tensor" of step 1: a real one on the GPU, a bare block on the simulated device.
+enum X<D: Device> {
+    /// Held only for its `Drop`, which frees the block.
+    Cuda(#[allow(dead_code)] Tensor<f32>),
+    Block(Arc<Allocator<D>>, u64),
+}
+
+impl<D: Device> Drop for X<D> {
+    fn drop(&mut self) {
+        if let X::Block(a, p) = self {
+            let _ = a.free(*p);
+        }
+    }
 }
 
 fn mb(b: u64) -> String {
-    format!("{:.2} MB ({})", b as f64 / 1e6, format_size(b))
+    format!("{:.2} MB = {}", b as f64 / 1e6, format_size(b))
 }
 
-fn walk<D: Device>(alloc: &Allocator<D>, device_name: &str) -> Result<(), Failure> {
-    let work = |e: gpumem::AllocError| Failure::Work(e.to_string());
+fn work(e: AllocError) -> Failure {
+    Failure::Work(e.to_string())
+}
+
+fn walk<D: Device>(
+    alloc: &Arc<Allocator<D>>,
+    device_name: &str,
+    make_x: impl FnOnce() -> Result<X<D>, AllocError>,
+) -> Result<(), Failure> {
     let free = |a: &Allocator<D>| a.mem_get_info().map(|(f, _)| f).map_err(work);
-    let show = |a: &Allocator<D>, free_now: u64| {
+    let show = |a: &Allocator<D>| -> Result<(), Failure> {
         println!("   memory_allocated() = {}", mb(a.memory_allocated()));
         println!("   memory_reserved()  = {}", mb(a.memory_reserved()));
-        println!("   driver free memory = {}", mb(free_now));
+        println!("   driver free memory = {}", mb(free(a)?));
+        Ok(())
     };
-    println!("How to clear GPU memory, on the {device_name}\n");
+    println!("How to clear GPU memory, on the {device_name}, policy {}\n", alloc.config().source_or("torch"));
     let free0 = free(alloc)?;
     println!("0. Before anything: driver free memory = {}\n", mb(free0));
-    println!("1. x = torch.randn(10000, 10000, device='cuda')   # 10^8 float32 values, 400,000,000 bytes");
-    let x = alloc.malloc(10000 * 10000 * 4, StreamId::DEFAULT).map_err(work)?;
-    show(alloc, free(alloc)?);
-    println!("   (PyTorch rounds the segment to 2 MiB pages and counts the unsplit tail as allocated)\n");
+    println!("1. x = torch.randn(10000, 10000, device='cuda')");
+    let x = make_x().map_err(work)?;
+    show(alloc)?;
+    let requested = alloc.stats().requested_bytes.all().current as u64;
+    println!("   (x asked for {}; PyTorch's rounding adds the rest to allocated)\n", mb(requested));
     println!("2. torch.cuda.empty_cache() while x is alive: the pitfall, nothing is freed");
     alloc.empty_cache().map_err(work)?;
-    show(alloc, free(alloc)?);
+    show(alloc)?;
     println!();
-    println!("3. del x: the tensor is gone, but its memory stays in the cache for the next tensor");
-    alloc.free(x).map_err(work)?;
-    show(alloc, free(alloc)?);
+    println!("3. del x: the tensor is gone, but its memory stays cached for the next tensor");
+    drop(x);
+    show(alloc)?;
     println!();
     println!("4. torch.cuda.empty_cache(): the cached memory goes back to the GPU");
     alloc.empty_cache().map_err(work)?;
+    show(alloc)?;
     let free4 = free(alloc)?;
-    show(alloc, free4);
     println!(
-        "   driver free memory is {} where it began\n",
-        if free4 == free0 { "back" } else { "NOT back" }
+        "   driver free memory is {} ({} before, {} now)\n",
+        if free4 == free0 { "back where it began" } else { "NOT back where it began" },
+        free0,
+        free4
     );
-    println!("Quick reference (torch.cuda ~ gpumem):");
+    println!("Quick reference (torch.cuda -> gpumem):");
     println!("  memory_allocated()        bytes held by live tensors");
-    println!("  memory_reserved()         bytes held by the cache (live + cached)");
+    println!("  memory_reserved()         bytes held by the cache (live tensors + cached blocks)");
     println!("  max_memory_allocated()    peak of memory_allocated()");
     println!("  max_memory_reserved()     peak of memory_reserved()");
-    println!("  reset_peak_memory_stats() start peaks afresh");
+    println!("  reset_peak_memory_stats() start the peaks afresh");
     println!("  empty_cache()             give cached, unused memory back to the GPU");
     println!("  mem_get_info()            the driver's free and total memory");
     println!("  memory_summary()          the whole table; memory_stats() every counter");
-    println!("  del x / drop(x)           free a tensor: its memory returns to the cache, not the GPU");
+    println!("  del x / drop(x)           free a tensor: its memory returns to the cache, not to the GPU");
+    println!("  nvidia-smi shows more     the CUDA context and libraries; no cache call frees those");
     Ok(())
+}
+
+fn config() -> Result<AllocatorConfig, Failure> {
+    AllocatorConfig::from_env().map_err(|e| Failure::Input(e.to_string()))
+}
+
+fn on_cuda(dev: CudaDevice) -> Result<(), Failure> {
+    let name = format!("GPU {} ({})", dev.index(), dev.name());
+    let alloc = Arc::new(Allocator::new(dev.clone(), config()?).map_err(work)?);
+    let stream = dev.context().default_stream();
+    walk(&alloc, &name, || {
+        let mut t = Tensor::<f32>::empty_with(&alloc, &stream, &[10000, 10000])?;
+        t.fill_randn(0)?;
+        stream.synchronize().map_err(|e| AllocError::InvalidArgument(format!("{e:?}")))?;
+        Ok(X::Cuda(t))
+    })
+}
+
+fn on_sim() -> Result<(), Failure> {
+    let alloc = Arc::new(Allocator::new(SimDevice::default(), config()?).map_err(work)?);
+    let a = alloc.clone();
+    walk(&alloc, "simulated GPU (80 GB; no real memory is touched)", move || {
+        let p = a.malloc(10000 * 10000 * 4, StreamId::DEFAULT)?;
+        Ok(X::Block(a, p))
+    })
 }
 
 pub(crate) fn run(a: &DemoArgs) -> Result<(), Failure> {
     match a.device {
-        DeviceChoice::Cuda => Err(Failure::Work(
-            "no CUDA driver (libcuda) was found on this machine; run `gpumem demo --device sim`".into(),
-        )),
-        DeviceChoice::Auto | DeviceChoice::Sim => {
-            if a.device == DeviceChoice::Auto {
-                println!("No GPU found (no CUDA driver on this machine): running on the simulated device.\n");
+        DeviceChoice::Sim => on_sim(),
+        DeviceChoice::Cuda => on_cuda(CudaDevice::new(0).map_err(|e| Failure::Work(e.to_string()))?),
+        DeviceChoice::Auto => match CudaDevice::new(0) {
+            Ok(dev) => on_cuda(dev),
+            Err(e) => {
+                println!("No GPU here ({e}): running on the simulated device instead.\n");
+                on_sim()
             }
-            let config = AllocatorConfig::from_env().map_err(|e| Failure::Input(e.to_string()))?;
-            let alloc =
-                Allocator::new(SimDevice::default(), config).map_err(|e| Failure::Work(e.to_string()))?;
-            walk(&alloc, "simulated GPU (80 GB, no real memory)")
-        }
+        },
     }
 }

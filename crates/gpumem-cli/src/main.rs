@@ -5,6 +5,7 @@
 
 mod args;
 mod demo;
+mod info;
 mod replay;
 mod units;
 
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         args::Command::Demo(a) => demo::run(&a),
         args::Command::Replay(a) => replay::run_replay(&a),
         args::Command::Summary(a) => replay::run_summary(&a),
+        args::Command::Info(a) => info::run(a.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,9 @@ use crate::args::{DeviceChoice, ReplayArgs, SummaryArgs};
 use crate::units::{gib, parse_size};
 use crate::Failure;
 use gpumem::{Policy, SimDevice, H100_CAPACITY};
-use gpumem_trace::{read_trace, replay, replay_into, ReplayError, ReplayOptions, ReplayReport, Trace};
+use gpumem_trace::{
+    read_trace, replay, replay_into, CudaReplayDevice, ReplayError, ReplayOptions, ReplayReport, Trace,
+};
 use std::io::IsTerminal;
 
 /// Runs with more ops than this show a progress bar (on a terminal, without --json).
@@ -62,7 +64,8 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
             let report = match a.device {
                 DeviceChoice::Sim => replay(&trace, policy, SimDevice::new(cap), &opts, &mut tick),
                 DeviceChoice::Cuda | DeviceChoice::Auto => {
-                    crate::demo::replay_on_cuda(&trace, policy, &opts, &mut tick)?
+                    let dev = CudaReplayDevice::new(0).map_err(|e| Failure::Work(e.to_string()))?;
+                    replay(&trace, policy, dev, &opts, &mut tick)
                 }
             }
             .map_err(replay_error)?;

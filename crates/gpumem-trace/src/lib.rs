@@ -15,6 +15,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod cuda;
 mod error;
 mod jsonl;
 mod pickle;
@@ -23,6 +24,7 @@ mod replay;
 mod rmm;
 mod trace;
 
+pub use cuda::CudaReplayDevice;
 pub use error::{Location, TraceError};
 pub use jsonl::write_jsonl;
 pub use plan::{plan, Op, Plan, Skip};

@@ -383,10 +383,8 @@ pub fn replay_into<D: ReplayDevice + 'static>(
             return Err(inconsistent(trace, s));
         }
     }
-    let verify = opts.verify && policy.kind == PolicyKind::Torch;
-    if verify {
-        device.plan_addresses(&plan.segments);
-    }
+    // Addresses can be checked only where the device can hand out the trace's own.
+    let verify = opts.verify && policy.kind == PolicyKind::Torch && device.plan_addresses(&plan.segments);
     let (_, capacity) = device.mem_get_info().map_err(AllocError::from)?;
     let alloc = Allocator::with_policy(device.clone(), policy)?;
     let report = run(trace, &plan, policy, &device, &alloc, capacity, verify, opts, progress)?;

@@ -84,6 +84,9 @@ pub enum AllocError {
     /// A per-process memory fraction outside [0, 1].
     #[error("invalid memory fraction {0}: it must be between 0.0 and 1.0")]
     InvalidFraction(f64),
+    /// A bad argument, such as a shape whose element count overflows or does not match the data.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// Bad allocator options.
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -21,10 +21,12 @@
 mod allocator;
 mod block;
 mod config;
+mod cuda;
 mod device;
 mod engine;
 mod error;
 mod expandable;
+mod global;
 mod history;
 mod pool;
 mod release;
@@ -33,14 +35,23 @@ mod size;
 mod snapshot;
 mod stats;
 mod summary;
+mod tensor;
 
 pub use allocator::Allocator;
 pub use config::{AllocatorConfig, ConfigError, Policy, PolicyKind, ENV_VAR};
+pub use cuda::{device_count, driver_present, CudaCounters, CudaDevice};
 pub use device::{Device, DeviceError, EventId, StreamId};
 pub use error::{AllocError, OutOfMemory};
+pub use global::{
+    allocator, empty_cache, init_with_policy, max_memory_allocated, max_memory_reserved, mem_get_info,
+    memory_allocated, memory_reserved, memory_stats, memory_summary, reset_accumulated_memory_stats,
+    reset_peak_memory_stats, set_per_process_memory_fraction, CudaAllocator,
+};
+pub use half::{bf16, f16};
 pub use history::{Action, TraceEntry};
 pub use sim::{SimCounters, SimDevice, H100_CAPACITY};
 pub use size::format_size;
 pub use snapshot::{recount, BlockInfo, BlockState, SegmentInfo};
 pub use stats::{DeviceStats, MemoryStats, PoolKind, Stat, StatArray};
-pub use summary::memory_summary;
+pub use summary::memory_summary as format_memory_summary;
+pub use tensor::{Element, FloatElement, Tensor};

@@ -1,0 +1,100 @@
+//! Replaying on the real GPU.
+
+use crate::replay::ReplayDevice;
+use gpumem::{CudaDevice, Device, DeviceError, EventId, StreamId};
+use std::sync::Arc;
+
+/// A [`CudaDevice`] set up for replays: one real side stream stands for "the other stream"
+/// of frees that waited on one.
+///
+/// A GPU's streams cannot be held back at will, so a deferred free completes as soon as the
+/// side stream's (empty) queue reaches its event: at once, where the recorded run waited for
+/// real work. Reuse after such frees can therefore come earlier than in the recorded run.
+#[derive(Clone)]
+pub struct CudaReplayDevice {
+    dev: CudaDevice,
+    side: Arc<cudarc::driver::CudaStream>,
+}
+
+impl CudaReplayDevice {
+    /// Opens GPU `ordinal` for a replay.
+    pub fn new(ordinal: usize) -> Result<CudaReplayDevice, DeviceError> {
+        let dev = CudaDevice::new(ordinal)?;
+        let side = dev
+            .context()
+            .new_stream()
+            .map_err(|e| DeviceError::Driver { call: "cuStreamCreate", message: format!("{e:?}") })?;
+        Ok(CudaReplayDevice { dev, side })
+    }
+}
+
+impl Device for CudaReplayDevice {
+    fn name(&self) -> String {
+        self.dev.name()
+    }
+    fn index(&self) -> usize {
+        self.dev.index()
+    }
+    fn malloc(&self, size: u64) -> Result<u64, DeviceError> {
+        self.dev.malloc(size)
+    }
+    fn free(&self, ptr: u64) -> Result<(), DeviceError> {
+        self.dev.free(ptr)
+    }
+    fn mem_get_info(&self) -> Result<(u64, u64), DeviceError> {
+        self.dev.mem_get_info()
+    }
+    fn page_granularity(&self) -> u64 {
+        self.dev.page_granularity()
+    }
+    fn reserve(&self, size: u64) -> Result<u64, DeviceError> {
+        self.dev.reserve(size)
+    }
+    fn unreserve(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        self.dev.unreserve(ptr, size)
+    }
+    fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        self.dev.map(ptr, size)
+    }
+    fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        self.dev.unmap(ptr, size)
+    }
+    fn create_event(&self) -> Result<EventId, DeviceError> {
+        self.dev.create_event()
+    }
+    fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
+        self.dev.destroy_event(event)
+    }
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {
+        self.dev.record_event(event, stream)
+    }
+    fn query_event(&self, event: EventId) -> Result<bool, DeviceError> {
+        self.dev.query_event(event)
+    }
+    fn synchronize_event(&self, event: EventId) -> Result<(), DeviceError> {
+        self.dev.synchronize_event(event)
+    }
+    fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        self.dev.synchronize_stream(stream)
+    }
+}
+
+impl ReplayDevice for CudaReplayDevice {
+    fn kind(&self) -> &'static str {
+        "cuda"
+    }
+    fn side_stream(&self, _id: u32) -> StreamId {
+        StreamId(self.side.cu_stream() as u64)
+    }
+    fn complete_side(&self, _stream: StreamId) {}
+    fn plan_addresses(&self, _segments: &[(u64, u64)]) -> bool {
+        false
+    }
+    fn malloc_log(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    fn map_counts(&self) -> (u64, u64) {
+        let c = self.dev.counters();
+        (c.maps, c.unmaps)
+    }
+}

@@ -1,0 +1,285 @@
+//! `CudaDevice`: the real GPU through the CUDA driver API (`cudarc::driver::sys`).
+//!
+//! The driver library is loaded at run time, so gpumem builds and runs where there is no
+//! CUDA: [`CudaDevice::new`] then returns [`DeviceError::NoDriver`] instead of panicking.
+//!
+//! Note [Releasing physical handles at once]
+//! -----------------------------------------
+//! A VMM mapping keeps its physical allocation alive until it is unmapped, so `map` releases
+//! the handle right after mapping it (`cuMemRelease`), and `unmap` alone gives the memory
+//! back. No table of handles is needed.
+//!
+//! Note [Unmapping does not wait]
+//! ------------------------------
+//! Unlike `cuMemFree`, `cuMemUnmap` does not wait for kernels still using the pages; unmapping
+//! early kills the context with an illegal-address error. The engine synchronizes the
+//! segment's stream (or waits on its events) before it calls `unmap`.
+
+use crate::device::{Device, DeviceError, EventId, StreamId};
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::CudaContext;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Device calls made so far on a [`CudaDevice`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaCounters {
+    /// `cuMemAlloc` calls that succeeded.
+    pub mallocs: u64,
+    /// `cuMemFree` calls.
+    pub frees: u64,
+    /// Physical pages created and mapped.
+    pub maps: u64,
+    /// Mappings removed.
+    pub unmaps: u64,
+}
+
+/// One NVIDIA GPU, through the CUDA driver.
+///
+/// ```no_run
+/// use gpumem::{Allocator, AllocatorConfig, CudaDevice, StreamId};
+/// let gpu = CudaDevice::new(0)?;
+/// let alloc = Allocator::new(gpu, AllocatorConfig::default())?;
+/// let p = alloc.malloc(1 << 20, StreamId::DEFAULT)?;
+/// alloc.free(p)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    ordinal: usize,
+    name: String,
+    granularity: u64,
+    counters: Arc<[AtomicU64; 4]>,
+}
+
+fn check(call: &'static str, r: CUresult) -> Result<(), DeviceError> {
+    match r {
+        CUresult::CUDA_SUCCESS => Ok(()),
+        CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(DeviceError::OutOfMemory),
+        other => {
+            let e = cudarc::driver::DriverError(other);
+            let message = match (e.error_name(), e.error_string()) {
+                (Ok(n), Ok(s)) => format!("{} ({})", n.to_string_lossy(), s.to_string_lossy()),
+                _ => format!("{other:?}"),
+            };
+            Err(DeviceError::Driver { call, message })
+        }
+    }
+}
+
+fn driver_err(call: &'static str, e: cudarc::driver::DriverError) -> DeviceError {
+    check(call, e.0).err().unwrap_or(DeviceError::Driver { call, message: format!("{e:?}") })
+}
+
+/// Whether a CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: a dlopen probe; it loads nothing else.
+    unsafe { sys::is_culib_present() }
+}
+
+/// The number of GPUs the driver sees (0 without a driver).
+pub fn device_count() -> Result<usize, DeviceError> {
+    if !driver_present() {
+        return Err(DeviceError::NoDriver);
+    }
+    CudaContext::device_count().map(|n| n as usize).map_err(|e| driver_err("cuDeviceGetCount", e))
+}
+
+fn location(ordinal: usize) -> sys::CUmemLocation {
+    sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: ordinal as i32 }
+}
+
+fn alloc_prop(ordinal: usize) -> sys::CUmemAllocationProp {
+    // SAFETY: a plain C struct; all-zero is its documented default.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.requestedHandleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
+    prop.location = location(ordinal);
+    prop
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal` (its primary context). No driver, or no such GPU, is an error.
+    pub fn new(ordinal: usize) -> Result<CudaDevice, DeviceError> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(DeviceError::NoSuchDevice(ordinal, count));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("cuCtxCreate", e))?;
+        let name = ctx.name().unwrap_or_else(|_| format!("GPU {ordinal}"));
+        let prop = alloc_prop(ordinal);
+        let mut granularity = 0usize;
+        // SAFETY: prop is a valid allocation property; the context is current (new binds it).
+        let r = unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut granularity,
+                &prop,
+                sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+            )
+        };
+        let granularity =
+            if r == CUresult::CUDA_SUCCESS && granularity > 0 { granularity as u64 } else { 2 << 20 };
+        Ok(CudaDevice { ctx, ordinal, name, granularity, counters: Arc::new(Default::default()) })
+    }
+
+    /// The cudarc context, to share with cudarc code (streams, kernels, copies).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Device calls made so far.
+    pub fn counters(&self) -> CudaCounters {
+        let c = &self.counters;
+        CudaCounters {
+            mallocs: c[0].load(Ordering::Relaxed),
+            frees: c[1].load(Ordering::Relaxed),
+            maps: c[2].load(Ordering::Relaxed),
+            unmaps: c[3].load(Ordering::Relaxed),
+        }
+    }
+
+    fn bind(&self) -> Result<(), DeviceError> {
+        self.ctx.bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))
+    }
+
+    fn count(&self, i: usize) {
+        self.counters[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn index(&self) -> usize {
+        self.ordinal
+    }
+
+    fn malloc(&self, size: u64) -> Result<u64, DeviceError> {
+        self.bind()?;
+        let mut p: sys::CUdeviceptr = 0;
+        // SAFETY: p is a valid out-pointer; the context is current.
+        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, size as usize) })?;
+        self.count(0);
+        Ok(p)
+    }
+
+    fn free(&self, ptr: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: ptr came from cuMemAlloc (the engine frees only its own segments).
+        check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr) })?;
+        self.count(1);
+        Ok(())
+    }
+
+    fn mem_get_info(&self) -> Result<(u64, u64), DeviceError> {
+        self.bind()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers; the context is current.
+        check("cuMemGetInfo", unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) })?;
+        Ok((free as u64, total as u64))
+    }
+
+    fn page_granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    fn reserve(&self, size: u64) -> Result<u64, DeviceError> {
+        self.bind()?;
+        let mut p: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; size is a multiple of the granularity (the engine's pages are).
+        check("cuMemAddressReserve", unsafe { sys::cuMemAddressReserve(&mut p, size as usize, 0, 0, 0) })?;
+        Ok(p)
+    }
+
+    fn unreserve(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: ptr/size name a reservation made by `reserve`, with nothing mapped in it.
+        check("cuMemAddressFree", unsafe { sys::cuMemAddressFree(ptr, size as usize) })
+    }
+
+    fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        let prop = alloc_prop(self.ordinal);
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid property and out-pointer.
+        check("cuMemCreate", unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) })?;
+        // SAFETY: ptr..ptr+size lies in a reservation and is unmapped (the engine's invariant).
+        let mapped = check("cuMemMap", unsafe { sys::cuMemMap(ptr, size as usize, 0, handle, 0) });
+        let result = mapped.and_then(|()| {
+            let desc = sys::CUmemAccessDesc {
+                location: location(self.ordinal),
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            };
+            // SAFETY: the range was just mapped.
+            let r = check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(ptr, size as usize, &desc, 1) });
+            if r.is_err() {
+                // SAFETY: undo the mapping made above.
+                unsafe { sys::cuMemUnmap(ptr, size as usize) };
+            }
+            r
+        });
+        // See Note [Releasing physical handles at once].
+        // SAFETY: the handle is ours; a live mapping keeps the memory.
+        let released = check("cuMemRelease", unsafe { sys::cuMemRelease(handle) });
+        result?;
+        released?;
+        self.count(2);
+        Ok(())
+    }
+
+    fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: the range was mapped by `map`, and the engine waited for the GPU first.
+        check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
+        self.count(3);
+        Ok(())
+    }
+
+    fn create_event(&self) -> Result<EventId, DeviceError> {
+        self.bind()?;
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: valid out-pointer.
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut ev, flags) })?;
+        Ok(EventId(ev as u64))
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: the event came from create_event.
+        check("cuEventDestroy", unsafe { sys::cuEventDestroy_v2(event.0 as sys::CUevent) })
+    }
+
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: a live event and a stream handle the caller holds.
+        check("cuEventRecord", unsafe {
+            sys::cuEventRecord(event.0 as sys::CUevent, stream.0 as sys::CUstream)
+        })
+    }
+
+    fn query_event(&self, event: EventId) -> Result<bool, DeviceError> {
+        self.bind()?;
+        // SAFETY: a live event.
+        match unsafe { sys::cuEventQuery(event.0 as sys::CUevent) } {
+            CUresult::CUDA_SUCCESS => Ok(true),
+            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            other => check("cuEventQuery", other).map(|()| false),
+        }
+    }
+
+    fn synchronize_event(&self, event: EventId) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: a live event.
+        check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(event.0 as sys::CUevent) })
+    }
+
+    fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: a stream handle the caller holds (0: the legacy default stream).
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream.0 as sys::CUstream) })
+    }
+}

@@ -1,0 +1,285 @@
+//! GPU tests: the engine on the real device. Without a CUDA driver each test reports itself
+//! skipped, by name. `scripts/gpu-test.sh` runs them on a GPU machine.
+//!
+//! This file has its own `main` (no libtest harness) so that a skip is printed even when the
+//! run passes, and it ends with a plain "N passed, N failed, N skipped" line.
+
+use gpumem::{
+    recount, AllocError, Allocator, AllocatorConfig, CudaAllocator, CudaDevice, Device, StreamId, Tensor,
+};
+use std::sync::Arc;
+
+fn gpu(_name: &str) -> Option<CudaDevice> {
+    CudaDevice::new(0).ok()
+}
+
+fn allocator(dev: CudaDevice, conf: &str) -> Arc<CudaAllocator> {
+    Arc::new(Allocator::new(dev, AllocatorConfig::parse(conf).unwrap()).unwrap())
+}
+
+fn check_consistent<D: Device>(a: &Allocator<D>) {
+    let want = recount(&a.snapshot());
+    let got = a.stats();
+    assert_eq!(want.allocated_bytes.0.map(|s| s.current), got.allocated_bytes.0.map(|s| s.current));
+    assert_eq!(want.reserved_bytes.0.map(|s| s.current), got.reserved_bytes.0.map(|s| s.current));
+    assert_eq!(want.active_bytes.0.map(|s| s.current), got.active_bytes.0.map(|s| s.current));
+    assert_eq!(want.requested_bytes.0.map(|s| s.current), got.requested_bytes.0.map(|s| s.current));
+    assert_eq!(want.segment.0.map(|s| s.current), got.segment.0.map(|s| s.current));
+    assert_eq!(want.inactive_split_bytes.0.map(|s| s.current), got.inactive_split_bytes.0.map(|s| s.current));
+    assert_eq!(want.allocation.0.map(|s| s.current), got.allocation.0.map(|s| s.current));
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+fn gpu_engine_invariants_hold_on_the_real_device() {
+    let Some(dev) = gpu("gpu_engine_invariants_hold_on_the_real_device") else { return };
+    for conf in ["", "expandable_segments:True", "max_split_size_mb:64"] {
+        let ctx = dev.context().clone();
+        let side = ctx.new_stream().unwrap();
+        let streams = [StreamId(0), StreamId(side.cu_stream() as u64)];
+        let (free0, _) = dev.mem_get_info().unwrap();
+        let a = allocator(dev.clone(), conf);
+        let mut rng = Lcg(42);
+        let mut live: Vec<u64> = Vec::new();
+        for _ in 0..400 {
+            match rng.next() % 10 {
+                0..=4 => {
+                    let size = match rng.next() % 3 {
+                        0 => 1 + rng.next() % (1 << 20),
+                        1 => (1 << 20) + rng.next() % (9 << 20),
+                        _ => (10 << 20) + rng.next() % (200 << 20),
+                    };
+                    let s = streams[(rng.next() % 2) as usize];
+                    live.push(a.malloc(size, s).unwrap());
+                }
+                5..=7 if !live.is_empty() => {
+                    let i = (rng.next() as usize) % live.len();
+                    a.free(live.swap_remove(i)).unwrap();
+                }
+                8 if !live.is_empty() => {
+                    let i = (rng.next() as usize) % live.len();
+                    a.record_stream(live[i], streams[1]).unwrap();
+                }
+                _ => a.empty_cache().unwrap(),
+            }
+            check_consistent(&a);
+        }
+        for p in live.drain(..) {
+            a.free(p).unwrap();
+        }
+        a.empty_cache().unwrap();
+        check_consistent(&a);
+        assert_eq!(a.memory_reserved(), 0, "{conf}");
+        let (free1, _) = dev.mem_get_info().unwrap();
+        assert!(free1 + (4 << 20) >= free0, "{conf}: driver free memory came back ({free0} -> {free1})");
+        side.synchronize().unwrap();
+    }
+}
+
+fn gpu_tutorial_walkthrough_and_driver_free_memory() {
+    let Some(dev) = gpu("gpu_tutorial_walkthrough_and_driver_free_memory") else { return };
+    let a = allocator(dev.clone(), "");
+    let stream = dev.context().default_stream();
+    let (free0, _) = dev.mem_get_info().unwrap();
+    let mut x = Tensor::<f32>::empty_with(&a, &stream, &[10000, 10000]).unwrap();
+    x.fill_randn(1).unwrap();
+    stream.synchronize().unwrap();
+    assert_eq!(a.stats().requested_bytes.all().current, 400_000_000);
+    let reserved = a.memory_reserved();
+    assert_eq!(reserved, 400_556_032);
+    let (free1, _) = dev.mem_get_info().unwrap();
+    assert_eq!(free0 - free1, reserved, "the driver's free memory drops by what is reserved");
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), reserved, "empty_cache frees nothing while x lives");
+    drop(x);
+    assert_eq!(a.memory_allocated(), 0);
+    assert_eq!(a.memory_reserved(), reserved);
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 0);
+    let (free2, _) = dev.mem_get_info().unwrap();
+    assert_eq!(free2, free0, "the driver's free memory is back");
+}
+
+fn gpu_data_survives_other_allocations() {
+    let Some(dev) = gpu("gpu_data_survives_other_allocations") else { return };
+    for conf in ["", "expandable_segments:True"] {
+        let a = allocator(dev.clone(), conf);
+        let stream = dev.context().default_stream();
+        let n = 3 << 20;
+        let pattern: Vec<i32> = (0..n as i32).map(|i| i.wrapping_mul(2654435761u32 as i32)).collect();
+        let mut keep = Tensor::<i32>::empty_with(&a, &stream, &[n]).unwrap();
+        keep.copy_from(&pattern).unwrap();
+        let mut others = Vec::new();
+        for i in 0..50usize {
+            let len = 1000 + (i * 7919) % (4 << 20);
+            let mut t = Tensor::<i32>::empty_with(&a, &stream, &[len]).unwrap();
+            t.fill_ones().unwrap();
+            if i % 3 == 0 {
+                others.clear();
+            }
+            others.push(t);
+            if i % 10 == 0 {
+                a.empty_cache().unwrap();
+            }
+        }
+        let h = Tensor::<gpumem::f16>::empty_with(&a, &stream, &[1001]).unwrap();
+        drop(h);
+        assert_eq!(keep.to_vec().unwrap(), pattern, "{conf}: the pattern survives");
+        for t in &others {
+            assert!(t.to_vec().unwrap().iter().all(|&x| x == 1));
+        }
+    }
+}
+
+unsafe extern "C" fn block_stream(_: *mut std::ffi::c_void) {
+    std::thread::sleep(std::time::Duration::from_millis(300));
+}
+
+fn gpu_record_stream_holds_the_block_until_the_other_stream_is_done() {
+    let Some(dev) = gpu("gpu_record_stream_holds_the_block_until_the_other_stream_is_done") else { return };
+    let ctx = dev.context().clone();
+    let a_stream = ctx.new_stream().unwrap();
+    let b_stream = ctx.new_stream().unwrap();
+    let a = allocator(dev.clone(), "");
+    let n = 16 << 20;
+    let x = Tensor::<f32>::empty_with(&a, &a_stream, &[n]).unwrap();
+    let mut y = Tensor::<f32>::empty_with(&a, &b_stream, &[n]).unwrap();
+    let old = x.as_ptr();
+    // B is held up for 300 ms by a host function, then copies from x
+    // SAFETY: a host function with no data, on a live stream.
+    unsafe {
+        cudarc::driver::sys::cuLaunchHostFunc(b_stream.cu_stream(), Some(block_stream), std::ptr::null_mut())
+            .result()
+            .unwrap();
+    }
+    b_stream.memcpy_dtod(&x, &mut y).unwrap(); // records B's use of x
+    drop(x);
+    let z = Tensor::<f32>::empty_with(&a, &a_stream, &[n]).unwrap();
+    assert_ne!(z.as_ptr(), old, "x's block must not be reused while B may still read it");
+    b_stream.synchronize().unwrap();
+    drop(z);
+    let w = Tensor::<f32>::empty_with(&a, &a_stream, &[n]).unwrap();
+    let after = Tensor::<f32>::empty_with(&a, &a_stream, &[n]).unwrap();
+    assert!(w.as_ptr() == old || after.as_ptr() == old, "once B is done, x's block is reused");
+    drop((w, after, y));
+    ctx.synchronize().unwrap();
+}
+
+fn gpu_expandable_pages_map_and_unmap_safely() {
+    let Some(dev) = gpu("gpu_expandable_pages_map_and_unmap_safely") else { return };
+    let a = allocator(dev.clone(), "expandable_segments:True");
+    let stream = dev.context().default_stream();
+    let mut keep = Vec::new();
+    for round in 0..20usize {
+        let mut ts = Vec::new();
+        for i in 0..8usize {
+            let len = ((round * 8 + i) * 1_234_567) % (96 << 20) + 1;
+            let mut t = Tensor::<u8>::empty_with(&a, &stream, &[len]).unwrap();
+            t.fill_zeros().unwrap(); // queued work on the pages
+            ts.push(t);
+        }
+        keep.push(ts.pop().unwrap());
+        drop(ts);
+        a.empty_cache().unwrap(); // unmaps pages that kernels just wrote: must wait first
+    }
+    dev.context().synchronize().expect("no illegal-address error");
+    for t in &keep {
+        assert!(t.to_vec().unwrap().iter().all(|&b| b == 0));
+    }
+    drop(keep);
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 0);
+    assert!(dev.counters().unmaps > 0);
+}
+
+fn gpu_out_of_memory_is_typed_and_recoverable() {
+    let Some(dev) = gpu("gpu_out_of_memory_is_typed_and_recoverable") else { return };
+    for conf in ["", "expandable_segments:True"] {
+        let a = allocator(dev.clone(), conf);
+        let (_, total) = dev.mem_get_info().unwrap();
+        let p = a.malloc(1 << 30, StreamId::DEFAULT).unwrap();
+        let e = a.malloc(total + (1 << 30), StreamId::DEFAULT).unwrap_err();
+        let AllocError::OutOfMemory(oom) = &e else { panic!("{conf}: expected out of memory, got {e}") };
+        assert_eq!(oom.total, total);
+        assert!(oom.allocated >= 1 << 30);
+        println!("{conf}: {e}");
+        let q = a.malloc(1 << 30, StreamId::DEFAULT).unwrap();
+        a.free(p).unwrap();
+        a.free(q).unwrap();
+        a.empty_cache().unwrap();
+        assert_eq!(a.stats().num_ooms, 1);
+    }
+}
+
+fn gpu_global_api_and_every_gpu() {
+    let Some(_) = gpu("gpu_global_api_and_every_gpu") else { return };
+    let n = gpumem::device_count().unwrap();
+    for d in 0..n {
+        let a = gpumem::allocator(d).unwrap();
+        let stream = a.with_device(|dev| dev.context().default_stream());
+        let t = Tensor::<i64>::empty_with(&a, &stream, &[1 << 20]).unwrap();
+        assert_eq!(gpumem::memory_allocated(d), 8 << 20);
+        drop(t);
+    }
+    let x = Tensor::<f32>::ones(&[1000, 1000]).unwrap();
+    assert!(x.to_vec().unwrap().iter().all(|&v| v == 1.0));
+    let b = Tensor::<gpumem::bf16>::randn(&[4097]).unwrap();
+    let v: Vec<f32> = b.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    assert!(mean.abs() < 0.1, "randn mean {mean}");
+    assert!(gpumem::memory_allocated(0) > 0);
+    drop((x, b));
+    gpumem::empty_cache().unwrap();
+    assert_eq!(gpumem::memory_reserved(0), 0);
+    assert_eq!(gpumem::memory_stats(0)["allocation.all.current"], 0);
+    println!("{} GPU(s) exercised", n);
+}
+
+fn main() {
+    let tests: &[(&str, fn())] = &[
+        ("gpu_engine_invariants_hold_on_the_real_device", gpu_engine_invariants_hold_on_the_real_device),
+        ("gpu_tutorial_walkthrough_and_driver_free_memory", gpu_tutorial_walkthrough_and_driver_free_memory),
+        ("gpu_data_survives_other_allocations", gpu_data_survives_other_allocations),
+        (
+            "gpu_record_stream_holds_the_block_until_the_other_stream_is_done",
+            gpu_record_stream_holds_the_block_until_the_other_stream_is_done,
+        ),
+        ("gpu_expandable_pages_map_and_unmap_safely", gpu_expandable_pages_map_and_unmap_safely),
+        ("gpu_out_of_memory_is_typed_and_recoverable", gpu_out_of_memory_is_typed_and_recoverable),
+        ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
+    ];
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let no_gpu = CudaDevice::new(0).err();
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        if let Some(why) = &no_gpu {
+            println!("test {name} ... skipped ({why})");
+            skipped += 1;
+            continue;
+        }
+        let t = std::time::Instant::now();
+        match std::panic::catch_unwind(test) {
+            Ok(()) => {
+                println!("test {name} ... ok ({:.2} s)", t.elapsed().as_secs_f64());
+                passed += 1;
+            }
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

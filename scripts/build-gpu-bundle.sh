@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds everything a GPU machine needs into .gpu/ (git-ignored): the gpumem binary, the GPU
+# test executable, the traces, and PyTorch's bench scripts. The GPU machine then needs no
+# cargo: run scripts/gpu-test.sh there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bin gpumem
+exe=$(cargo test --release -p gpumem --test gpu --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import sys, json
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])')
+rm -rf .gpu && mkdir -p .gpu/traces .gpu/bench
+cp target/release/gpumem .gpu/
+cp "$exe" .gpu/gpu-tests
+cp testdata/*.jsonl.gz testdata/snapshot_sample.pickle .gpu/traces/
+if [ -d ../shared/bench ]; then cp ../shared/bench/*.py .gpu/bench/; fi
+strip --strip-debug .gpu/gpumem .gpu/gpu-tests
+cp scripts/gpu-test.sh .gpu/
+echo "bundle in .gpu/: $(du -sh .gpu | cut -f1)"
