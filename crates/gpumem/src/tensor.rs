@@ -308,17 +308,17 @@ impl<T: FloatElement> Tensor<T> {
         if self.len == 0 {
             return Ok(());
         }
-        // cuRAND's normal generator needs an even count, and only makes f32/f64: draw f32
-        // into a scratch tensor (rounded up to even) and convert where T is narrower.
-        let rng = cudarc::curand::CudaRng::new(seed, self.stream.clone())
-            .map_err(|e| driver("curandCreateGenerator", e))?;
-        let even = self.len.div_ceil(2) * 2;
-        let mut scratch = Tensor::<f32>::empty_with(&self.alloc, &self.stream, &[even])?;
-        rng.fill_with_normal(&mut scratch, 0.0f32, 1.0f32).map_err(|e| driver("curandGenerateNormal", e))?;
-        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && even == self.len {
-            std::mem::swap(&mut self.ptr, &mut scratch.ptr);
-            return Ok(());
+        // cuRAND's normal generator needs an even count and makes only f32/f64: an f32
+        // tensor of even length is filled in place; anything else draws f32 into a scratch
+        // block (rounded up to even) and converts on the host.
+        let rng = cudarc::curand::CudaRng::new(seed, self.stream.clone()).map_err(|e| driver("curandCreateGenerator", e))?;
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && self.len % 2 == 0 {
+            // SAFETY: T is f32 (checked above), so Tensor<T> and Tensor<f32> are the same type.
+            let me = unsafe { &mut *(self as *mut Tensor<T> as *mut Tensor<f32>) };
+            return rng.fill_with_normal(me, 0.0f32, 1.0f32).map_err(|e| driver("curandGenerateNormal", e));
         }
+        let mut scratch = Tensor::<f32>::empty_with(&self.alloc, &self.stream, &[self.len.div_ceil(2) * 2])?;
+        rng.fill_with_normal(&mut scratch, 0.0f32, 1.0f32).map_err(|e| driver("curandGenerateNormal", e))?;
         let host: Vec<T> = scratch.to_vec()?.into_iter().take(self.len).map(T::from_f32).collect();
         self.copy_from(&host)
     }

@@ -86,6 +86,13 @@ fn gpu_tutorial_walkthrough_and_driver_free_memory() {
     let Some(dev) = gpu("gpu_tutorial_walkthrough_and_driver_free_memory") else { return };
     let a = allocator(dev.clone(), "");
     let stream = dev.context().default_stream();
+    // cuRAND loads its kernels into device memory on first use, outside any cache: warm it
+    // up before measuring
+    let mut warm = Tensor::<f32>::empty_with(&a, &stream, &[2]).unwrap();
+    warm.fill_randn(0).unwrap();
+    drop(warm);
+    a.empty_cache().unwrap();
+    stream.synchronize().unwrap();
     let (free0, _) = dev.mem_get_info().unwrap();
     let mut x = Tensor::<f32>::empty_with(&a, &stream, &[10000, 10000]).unwrap();
     x.fill_randn(1).unwrap();
