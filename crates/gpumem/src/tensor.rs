@@ -311,8 +311,9 @@ impl<T: FloatElement> Tensor<T> {
         // cuRAND's normal generator needs an even count and makes only f32/f64: an f32
         // tensor of even length is filled in place; anything else draws f32 into a scratch
         // block (rounded up to even) and converts on the host.
-        let rng = cudarc::curand::CudaRng::new(seed, self.stream.clone()).map_err(|e| driver("curandCreateGenerator", e))?;
-        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && self.len % 2 == 0 {
+        let rng = cudarc::curand::CudaRng::new(seed, self.stream.clone())
+            .map_err(|e| driver("curandCreateGenerator", e))?;
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && self.len.is_multiple_of(2) {
             // SAFETY: T is f32 (checked above), so Tensor<T> and Tensor<f32> are the same type.
             let me = unsafe { &mut *(self as *mut Tensor<T> as *mut Tensor<f32>) };
             return rng.fill_with_normal(me, 0.0f32, 1.0f32).map_err(|e| driver("curandGenerateNormal", e));
