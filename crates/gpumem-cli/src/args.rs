@@ -23,6 +23,8 @@ pub(crate) enum Command {
     Summary(SummaryArgs),
     /// The GPUs, the driver's free and used memory, and each process's use
     Info(InfoArgs),
+    /// Cache-hit cost per policy, throughput across threads, and device-call costs on a GPU
+    Bench(BenchArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,6 +91,19 @@ pub(crate) struct SummaryArgs {
 #[derive(Args)]
 pub(crate) struct InfoArgs {
     /// One JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Device to measure on
+    #[arg(long, value_enum, default_value = "sim")]
+    pub device: DeviceChoice,
+    /// Up to this many threads (powers of two)
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// One JSON object per line
     #[arg(long)]
     pub json: bool,
 }

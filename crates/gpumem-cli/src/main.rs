@@ -4,6 +4,7 @@
 //! usage. Errors are one line on stderr.
 
 mod args;
+mod bench;
 mod demo;
 mod info;
 mod replay;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         args::Command::Replay(a) => replay::run_replay(&a),
         args::Command::Summary(a) => replay::run_summary(&a),
         args::Command::Info(a) => info::run(a.json),
+        args::Command::Bench(a) => bench::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

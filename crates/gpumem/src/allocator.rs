@@ -1,16 +1,17 @@
 //! [`Allocator`]: the caching allocator of one device, safe to share between threads.
 
-use crate::config::{AllocatorConfig, Policy};
+use crate::config::{AllocatorConfig, Policy, PolicyKind};
 use crate::device::{Device, StreamId};
 use crate::engine::Engine;
+use crate::packed::Packed;
 use crate::error::AllocError;
 use crate::history::TraceEntry;
 use crate::snapshot::SegmentInfo;
 use crate::stats::{DeviceStats, MemoryStats};
 use parking_lot::{Mutex, MutexGuard};
 
-/// A caching allocator for one device: PyTorch's algorithm (the `torch` and
-/// `torch-expandable` policies) over any [`Device`].
+/// A caching allocator for one device, with any policy (PyTorch's algorithm as `torch` and
+/// `torch-expandable`, or gpumem's own `gpumem`), over any [`Device`].
 ///
 /// ```
 /// use gpumem::{Allocator, AllocatorConfig, SimDevice, StreamId};
@@ -26,21 +27,106 @@ use parking_lot::{Mutex, MutexGuard};
 /// assert_eq!(sim.used(), 0);
 /// ```
 pub struct Allocator<D: Device> {
-    engine: Mutex<Engine<D>>,
+    engine: Mutex<Core<D>>,
+}
+
+/// The algorithm behind an allocator.
+enum Core<D: Device> {
+    /// PyTorch's (`torch`, `torch-expandable`).
+    Torch(Engine<D>),
+    /// gpumem's own (`gpumem`).
+    Packed(Packed<D>),
+}
+
+/// Runs the same expression on whichever engine is inside.
+macro_rules! on_core {
+    ($core:expr, $e:ident => $body:expr) => {
+        match $core {
+            Core::Torch($e) => $body,
+            Core::Packed($e) => $body,
+        }
+    };
+}
+
+impl<D: Device> Core<D> {
+    fn malloc(&mut self, size: u64, stream: StreamId) -> Result<u64, AllocError> {
+        on_core!(self, e => e.malloc(size, stream))
+    }
+    fn free(&mut self, ptr: u64) -> Result<(), AllocError> {
+        on_core!(self, e => e.free(ptr))
+    }
+    fn record_stream(&mut self, ptr: u64, stream: StreamId) -> Result<(), AllocError> {
+        on_core!(self, e => e.record_stream(ptr, stream))
+    }
+    fn process_events(&mut self) -> Result<(), AllocError> {
+        on_core!(self, e => e.process_events())
+    }
+    fn empty_cache(&mut self) -> Result<(), AllocError> {
+        match self {
+            Core::Torch(e) => e.release_cached_blocks(),
+            Core::Packed(p) => p.empty_cache(),
+        }
+    }
+    fn set_memory_fraction(&mut self, f: f64) -> Result<(), AllocError> {
+        on_core!(self, e => e.set_memory_fraction(f))
+    }
+    fn allowed_and_total(&self) -> (Option<u64>, u64) {
+        on_core!(self, e => (e.allowed_memory_maximum, e.device_total))
+    }
+    fn stats(&self) -> &DeviceStats {
+        on_core!(self, e => &e.stats)
+    }
+    fn stats_mut(&mut self) -> &mut DeviceStats {
+        on_core!(self, e => &mut e.stats)
+    }
+    fn history(&mut self) -> &mut crate::history::History {
+        on_core!(self, e => &mut e.history)
+    }
+    fn config(&self) -> &AllocatorConfig {
+        on_core!(self, e => &e.config)
+    }
+    fn device(&self) -> &D {
+        on_core!(self, e => &e.device)
+    }
+    fn snapshot(&self) -> Vec<SegmentInfo> {
+        on_core!(self, e => e.snapshot())
+    }
 }
 
 impl<D: Device> Allocator<D> {
-    /// An allocator over `device` with PyTorch's algorithm and these options.
-    pub fn new(device: D, config: AllocatorConfig) -> Result<Allocator<D>, AllocError> {
-        Ok(Allocator { engine: Mutex::new(Engine::new(device, config)?) })
+    /// An allocator over `device` with these options: PyTorch's algorithm unless the options
+    /// name another policy (`policy:gpumem`).
+    pub fn new(device: D, mut config: AllocatorConfig) -> Result<Allocator<D>, AllocError> {
+        let kind = config.policy_or(PolicyKind::Torch);
+        config.check_for(kind)?;
+        config.policy = Some(kind);
+        if kind == PolicyKind::TorchExpandable {
+            config.expandable_segments = true;
+        }
+        let core = match kind {
+            PolicyKind::Gpumem => Core::Packed(Packed::new(device, config)?),
+            PolicyKind::Torch | PolicyKind::TorchExpandable => Core::Torch(Engine::new(device, config)?),
+        };
+        Ok(Allocator { engine: Mutex::new(core) })
     }
 
-    /// An allocator for a named policy (`"torch"`, `"torch-expandable:max_split_size_mb:128"`).
+    /// An allocator for a named policy (`"gpumem"`, `"torch-expandable:max_split_size_mb:128"`).
     pub fn with_policy(device: D, policy: &Policy) -> Result<Allocator<D>, AllocError> {
-        Allocator::new(device, policy.config.clone())
+        let mut config = policy.config.clone();
+        config.policy = Some(policy.kind);
+        Allocator::new(device, config)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Engine<D>> {
+    /// The policy in force.
+    pub fn policy(&self) -> PolicyKind {
+        match &*self.lock() {
+            Core::Torch(e) if e.config.expandable_segments => PolicyKind::TorchExpandable,
+            Core::Torch(_) => PolicyKind::Torch,
+            Core::Packed(_) => PolicyKind::Gpumem,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core<D>> {
         self.engine.lock()
     }
 
@@ -78,7 +164,7 @@ impl<D: Device> Allocator<D> {
     /// (and every wholly free page of expandable segments) back to the device. Segments that
     /// still hold a live block stay: see `inactive_split_bytes`.
     pub fn empty_cache(&self) -> Result<(), AllocError> {
-        self.lock().release_cached_blocks()
+        self.lock().empty_cache()
     }
 
     /// Caps reserved memory at `fraction` of the device's total memory.
@@ -88,54 +174,54 @@ impl<D: Device> Allocator<D> {
 
     /// The cap from the memory fraction as a fraction of the device (1.0 when unset).
     pub fn per_process_memory_fraction(&self) -> f64 {
-        let e = self.lock();
-        e.allowed_memory_maximum.map_or(1.0, |m| m as f64 / e.device_total as f64)
+        let (allowed, total) = self.lock().allowed_and_total();
+        allowed.map_or(1.0, |m| m as f64 / total as f64)
     }
 
     /// A copy of all counters.
     pub fn stats(&self) -> DeviceStats {
-        self.lock().stats.clone()
+        self.lock().stats().clone()
     }
 
     /// The counters under PyTorch's 122 key names.
     pub fn memory_stats(&self) -> MemoryStats {
-        self.lock().stats.to_map()
+        self.lock().stats().to_map()
     }
 
     /// Bytes in blocks handed out (PyTorch's `memory_allocated`).
     pub fn memory_allocated(&self) -> u64 {
-        self.lock().stats.allocated_bytes.all().current as u64
+        self.lock().stats().allocated_bytes.all().current as u64
     }
 
     /// The peak of [`Allocator::memory_allocated`] since the last reset.
     pub fn max_memory_allocated(&self) -> u64 {
-        self.lock().stats.allocated_bytes.all().peak as u64
+        self.lock().stats().allocated_bytes.all().peak as u64
     }
 
     /// Bytes held from the device (PyTorch's `memory_reserved`).
     pub fn memory_reserved(&self) -> u64 {
-        self.lock().stats.reserved_bytes.all().current as u64
+        self.lock().stats().reserved_bytes.all().current as u64
     }
 
     /// The peak of [`Allocator::memory_reserved`] since the last reset.
     pub fn max_memory_reserved(&self) -> u64 {
-        self.lock().stats.reserved_bytes.all().peak as u64
+        self.lock().stats().reserved_bytes.all().peak as u64
     }
 
     /// Makes every peak equal its current value.
     pub fn reset_peak_memory_stats(&self) {
-        self.lock().stats.reset_peak();
+        self.lock().stats_mut().reset_peak();
     }
 
     /// Zeroes the allocated/freed totals and the event counters.
     pub fn reset_accumulated_memory_stats(&self) {
-        self.lock().stats.reset_accumulated();
+        self.lock().stats_mut().reset_accumulated();
     }
 
     /// PyTorch's `memory_summary()` table.
     pub fn memory_summary(&self, abbreviated: bool) -> String {
         let e = self.lock();
-        crate::summary::memory_summary(&e.stats, e.device.index(), abbreviated)
+        crate::summary::memory_summary(e.stats(), e.device().index(), abbreviated)
     }
 
     /// Every segment and block, in address order.
@@ -145,37 +231,38 @@ impl<D: Device> Allocator<D> {
 
     /// Free and total device memory as the driver reports it.
     pub fn mem_get_info(&self) -> Result<(u64, u64), AllocError> {
-        Ok(self.lock().device.mem_get_info()?)
+        Ok(self.lock().device().mem_get_info()?)
     }
 
     /// Starts (or, with `enabled` false, stops and clears) recording every event, keeping at
     /// most `max_entries`.
     pub fn record_history(&self, enabled: bool, max_entries: usize) {
         let mut e = self.lock();
-        e.history.enabled = enabled;
-        e.history.max_entries = max_entries.max(1);
+        let h = e.history();
+        h.enabled = enabled;
+        h.max_entries = max_entries.max(1);
         if !enabled {
-            e.history.entries.clear();
+            h.entries.clear();
         }
     }
 
     /// Tags the events recorded from now on (empty to clear).
     pub fn set_tag(&self, tag: &str) {
-        self.lock().history.tag = tag.to_string();
+        self.lock().history().tag = tag.to_string();
     }
 
     /// The recorded events, oldest first.
     pub fn history(&self) -> Vec<TraceEntry> {
-        self.lock().history.entries.iter().cloned().collect()
+        self.lock().history().entries.iter().cloned().collect()
     }
 
     /// The options in force.
     pub fn config(&self) -> AllocatorConfig {
-        self.lock().config.clone()
+        self.lock().config().clone()
     }
 
     /// Runs `f` with the device.
     pub fn with_device<R>(&self, f: impl FnOnce(&D) -> R) -> R {
-        f(&self.lock().device)
+        f(self.lock().device())
     }
 }

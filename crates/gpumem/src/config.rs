@@ -43,6 +43,15 @@ pub struct AllocatorConfig {
     pub large_segment_size: u64,
     /// A cap on reserved memory as a fraction of the device (`per_process_memory_fraction`).
     pub per_process_memory_fraction: Option<f64>,
+    /// The policy named by the gpumem-only key `policy` (`torch`, `torch-expandable`,
+    /// `gpumem`), if given.
+    pub policy: Option<PolicyKind>,
+    /// `gpumem` policy only: an idle chunk more than this many times larger than a block
+    /// about to land in it is unmapped first, so the block does not pin it (`compact_factor`;
+    /// 0, the default, never does).
+    pub compact_factor: u64,
+    /// The keys that were set, in order.
+    pub keys: Vec<String>,
     /// Keys PyTorch accepts that concern things gpumem does not manage (pinned host memory,
     /// CUDA graphs); they are checked and kept, and change nothing here.
     pub inert: Vec<(String, String)>,
@@ -60,6 +69,9 @@ impl Default for AllocatorConfig {
             expandable_segments: false,
             large_segment_size: LARGE_BUFFER,
             per_process_memory_fraction: None,
+            policy: None,
+            compact_factor: 0,
+            keys: Vec::new(),
             inert: Vec::new(),
             source: String::new(),
         }
@@ -157,6 +169,7 @@ impl AllocatorConfig {
             }
             t.expect(":", &key)?;
             c.apply(&key, &mut t)?;
+            c.keys.push(key.clone());
             match t.peek() {
                 None | Some(",") => {}
                 Some(other) => return err(format!("unexpected '{other}' after the value of {key}")),
@@ -198,6 +211,16 @@ impl AllocatorConfig {
                 self.garbage_collection_threshold = v;
             }
             "roundup_power2_divisions" => self.parse_divisions(t)?,
+            "compact_factor" => self.compact_factor = parse_u64(key, &t.next(key)?)?,
+            "policy" => {
+                let v = t.next(key)?;
+                self.policy = Some(match v.as_str() {
+                    "torch" => PolicyKind::Torch,
+                    "torch-expandable" => PolicyKind::TorchExpandable,
+                    "gpumem" => PolicyKind::Gpumem,
+                    _ => return err(format!("policy must be torch, torch-expandable or gpumem, not '{v}'")),
+                });
+            }
             "expandable_segments" => self.expandable_segments = parse_bool(key, &t.next(key)?)?,
             "large_segment_size_mb" => {
                 let v = parse_u64(key, &t.next(key)?)?;
@@ -250,7 +273,7 @@ impl AllocatorConfig {
                 return err(format!(
                     "unrecognized option '{key}' (known: max_split_size_mb, max_non_split_rounding_mb, \
                      garbage_collection_threshold, roundup_power2_divisions, expandable_segments, \
-                     large_segment_size_mb, per_process_memory_fraction, backend, and PyTorch's pinned_* keys)"
+                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, and PyTorch's pinned_* keys)"
                 ))
             }
         }
@@ -335,6 +358,51 @@ pub enum PolicyKind {
     Torch,
     /// PyTorch's allocator with `expandable_segments:True`.
     TorchExpandable,
+    /// gpumem's own: byte-granular packing with page recycling (see `packed.rs`).
+    Gpumem,
+}
+
+/// Options that only PyTorch's algorithm has.
+const TORCH_ONLY: &[&str] = &[
+    "max_split_size_mb",
+    "max_non_split_rounding_mb",
+    "garbage_collection_threshold",
+    "expandable_segments",
+    "large_segment_size_mb",
+];
+
+impl AllocatorConfig {
+    /// The policy these options ask for: the `policy` key if given, else `torch-expandable`
+    /// with `expandable_segments:True`, else `default`; except that options only PyTorch's
+    /// algorithm has (such as `max_split_size_mb`) select `torch` over a `gpumem` default,
+    /// so that a PyTorch user's settings keep their meaning.
+    pub fn policy_or(&self, default: PolicyKind) -> PolicyKind {
+        if let Some(p) = self.policy {
+            return p;
+        }
+        if self.expandable_segments {
+            return PolicyKind::TorchExpandable;
+        }
+        if default == PolicyKind::Gpumem && self.keys.iter().any(|k| TORCH_ONLY.contains(&k.as_str())) {
+            return PolicyKind::Torch;
+        }
+        default
+    }
+
+    /// Checks that every option applies to `kind`.
+    pub fn check_for(&self, kind: PolicyKind) -> Result<(), ConfigError> {
+        if kind != PolicyKind::Gpumem && self.keys.iter().any(|k| k == "compact_factor") {
+            return err("compact_factor applies to the gpumem policy only");
+        }
+        if kind == PolicyKind::Gpumem {
+            if let Some(k) = self.keys.iter().find(|k| TORCH_ONLY.contains(&k.as_str())) {
+                return err(format!(
+                    "{k} applies to PyTorch's algorithm (policy torch or torch-expandable), not to the gpumem policy, which never splits segments; remove it or choose policy:torch"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A named policy with its options, as written on the command line: `torch`,
@@ -349,7 +417,7 @@ pub struct Policy {
 
 impl Policy {
     /// The names of all policies, in the order a comparison lists them.
-    pub const NAMES: &'static [&'static str] = &["torch", "torch-expandable"];
+    pub const NAMES: &'static [&'static str] = &["torch", "torch-expandable", "gpumem"];
 
     /// Parses `NAME[:OPTIONS]`.
     ///
@@ -362,6 +430,7 @@ impl Policy {
         let (name, opts) = s.split_once(':').unwrap_or((s, ""));
         let mut config = AllocatorConfig::parse(opts)?;
         let kind = match name.trim() {
+            "gpumem" => PolicyKind::Gpumem,
             "torch" => PolicyKind::Torch,
             "torch-expandable" => {
                 config.expandable_segments = true;
@@ -369,17 +438,26 @@ impl Policy {
             }
             other => return err(format!("unknown policy '{other}' (known: {})", Policy::NAMES.join(", "))),
         };
-        if kind == PolicyKind::Torch && config.expandable_segments {
-            return Ok(Policy { kind: PolicyKind::TorchExpandable, config });
+        if let Some(p) = config.policy.filter(|&p| p != kind) {
+            return err(format!("the policy is named twice: '{name}' and policy:{}", Policy::kind_name(p)));
         }
+        config.check_for(kind)?;
+        let kind = if kind == PolicyKind::Torch && config.expandable_segments { PolicyKind::TorchExpandable } else { kind };
+        config.policy = Some(kind);
         Ok(Policy { kind, config })
     }
 
-    /// The policy's name (`torch`, `torch-expandable`).
+    /// The policy's name (`torch`, `torch-expandable`, `gpumem`).
     pub fn name(&self) -> &'static str {
-        match self.kind {
+        Policy::kind_name(self.kind)
+    }
+
+    /// The name of a policy kind.
+    pub fn kind_name(kind: PolicyKind) -> &'static str {
+        match kind {
             PolicyKind::Torch => "torch",
             PolicyKind::TorchExpandable => "torch-expandable",
+            PolicyKind::Gpumem => "gpumem",
         }
     }
 }
@@ -473,6 +551,15 @@ mod tests {
             PolicyKind::TorchExpandable
         );
         assert!(Policy::parse("tensorflow").is_err());
+        assert_eq!(Policy::parse("gpumem").unwrap().kind, PolicyKind::Gpumem);
+        assert!(Policy::parse("gpumem:max_split_size_mb:128").is_err(), "torch-only options are refused");
+        assert!(Policy::parse("gpumem:roundup_power2_divisions:4").is_ok());
+        assert!(Policy::parse("torch:policy:gpumem").is_err());
+        let c = AllocatorConfig::parse("max_split_size_mb:128").unwrap();
+        assert_eq!(c.policy_or(PolicyKind::Gpumem), PolicyKind::Torch, "PyTorch settings keep their meaning");
+        assert_eq!(AllocatorConfig::parse("").unwrap().policy_or(PolicyKind::Gpumem), PolicyKind::Gpumem);
+        let c = AllocatorConfig::parse("policy:torch-expandable").unwrap();
+        assert_eq!(c.policy_or(PolicyKind::Gpumem), PolicyKind::TorchExpandable);
         assert_eq!(
             Policy::parse("torch:max_split_size_mb:64").unwrap().to_string(),
             "torch:max_split_size_mb:64"

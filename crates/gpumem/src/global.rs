@@ -10,7 +10,7 @@
 //! # Ok::<(), gpumem::AllocError>(())
 //! ```
 
-use crate::config::{AllocatorConfig, Policy};
+use crate::config::{AllocatorConfig, Policy, PolicyKind};
 use crate::cuda::CudaDevice;
 use crate::error::AllocError;
 use crate::stats::MemoryStats;
@@ -24,13 +24,15 @@ pub type CudaAllocator = Allocator<CudaDevice>;
 static ALLOCATORS: Mutex<Vec<Option<Arc<CudaAllocator>>>> = Mutex::new(Vec::new());
 
 /// The allocator of GPU `device`, created on first use with the options of
-/// `GPUMEM_ALLOC_CONF`.
+/// `GPUMEM_ALLOC_CONF`: the `gpumem` policy unless they name another (or hold options only
+/// PyTorch's algorithm has, which select `torch`).
 pub fn allocator(device: usize) -> Result<Arc<CudaAllocator>, AllocError> {
     let mut all = ALLOCATORS.lock();
     if let Some(Some(a)) = all.get(device) {
         return Ok(a.clone());
     }
-    let config = AllocatorConfig::from_env()?;
+    let mut config = AllocatorConfig::from_env()?;
+    config.policy = Some(config.policy_or(PolicyKind::Gpumem));
     let a = Arc::new(Allocator::new(CudaDevice::new(device)?, config)?);
     if all.len() <= device {
         all.resize(device + 1, None);

@@ -28,6 +28,8 @@ mod error;
 mod expandable;
 mod global;
 mod history;
+mod packed;
+mod packed_alloc;
 mod pool;
 mod release;
 mod sim;

@@ -1,0 +1,151 @@
+//! `gpumem bench`: the cost of a cache hit per policy, throughput across threads, and (on a
+//! GPU) the cost of the device calls the policies make.
+
+use crate::args::{BenchArgs, DeviceChoice};
+use crate::Failure;
+use gpumem::{Allocator, CudaDevice, Device, Policy, SimDevice, StreamId};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Serialize)]
+struct Row {
+    bench: String,
+    policy: String,
+    device: &'static str,
+    value: f64,
+    unit: &'static str,
+}
+
+fn work<E: std::fmt::Display>(e: E) -> Failure {
+    Failure::Work(e.to_string())
+}
+
+/// ns per alloc+free pair of `size` bytes on a warm cache.
+fn hit_ns<D: Device>(a: &Allocator<D>, size: u64, stream: StreamId) -> Result<f64, Failure> {
+    let warm = a.malloc(size, stream).map_err(work)?;
+    a.free(warm).map_err(work)?;
+    let n = 200_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        let p = a.malloc(size, stream).map_err(work)?;
+        a.free(p).map_err(work)?;
+    }
+    Ok(t.elapsed().as_nanos() as f64 / n as f64)
+}
+
+/// Million alloc+free pairs per second with `threads` threads, each on its own stream.
+fn throughput<D: Device + 'static>(a: &Arc<Allocator<D>>, threads: usize) -> Result<f64, Failure> {
+    let n = 100_000;
+    let t = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let stream = StreamId(0x1000 + i as u64);
+                let size = 4096 * (i as u64 + 1);
+                for _ in 0..n {
+                    let p = a.malloc(size, stream).expect("cache hit");
+                    a.free(p).expect("own pointer");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| Failure::Work("a bench thread panicked".into()))?;
+    }
+    Ok((threads * n) as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+fn allocator_benches<D: Device + 'static>(
+    make: &dyn Fn() -> Result<D, Failure>,
+    device: &'static str,
+    threads: usize,
+    rows: &mut Vec<Row>,
+) -> Result<(), Failure> {
+    for name in Policy::NAMES {
+        let policy = Policy::parse(name).map_err(work)?;
+        let a = Arc::new(Allocator::with_policy(make()?, &policy).map_err(work)?);
+        for (label, size) in [("512B", 512u64), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] {
+            let v = hit_ns(&a, size, StreamId::DEFAULT)?;
+            rows.push(Row { bench: format!("hit_pair_{label}"), policy: name.to_string(), device, value: v, unit: "ns/pair" });
+        }
+        let mut t = 1;
+        while t <= threads {
+            let v = throughput(&a, t)?;
+            rows.push(Row { bench: format!("threads_{t}"), policy: name.to_string(), device, value: v, unit: "M pairs/s" });
+            t *= 2;
+        }
+        a.empty_cache().map_err(work)?;
+    }
+    Ok(())
+}
+
+/// µs per device call, averaged over `n`.
+fn time_us(n: usize, mut f: impl FnMut(usize) -> Result<(), Failure>) -> Result<f64, Failure> {
+    let t = Instant::now();
+    for i in 0..n {
+        f(i)?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
+}
+
+fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
+    const MIB: u64 = 1 << 20;
+    let mut put = |bench: String, value: f64| {
+        rows.push(Row { bench, policy: "-".into(), device: "cuda", value, unit: "us/call" })
+    };
+    for size in [2 * MIB, 400 * MIB] {
+        let mut ptrs = Vec::new();
+        let a = time_us(16, |_| {
+            ptrs.push(d.malloc(size).map_err(work)?);
+            Ok(())
+        })?;
+        let f = time_us(16, |i| d.free(ptrs[i]).map_err(work))?;
+        put(format!("cuMemAlloc_{}MiB", size / MIB), a);
+        put(format!("cuMemFree_{}MiB", size / MIB), f);
+    }
+    let va = d.reserve(8 << 30).map_err(work)?;
+    for (size, n) in [(2 * MIB, 128usize), (32 * MIB, 32), (256 * MIB, 8), (1024 * MIB, 4)] {
+        let m = time_us(n, |i| d.map(va + i as u64 * size, size).map_err(work))?;
+        d.synchronize_stream(StreamId::DEFAULT).map_err(work)?;
+        let u = time_us(n, |i| d.unmap(va + i as u64 * size, size).map_err(work))?;
+        put(format!("map_{}MiB", size / MIB), m);
+        put(format!("unmap_{}MiB", size / MIB), u);
+    }
+    d.unreserve(va, 8 << 30).map_err(work)?;
+    let e = d.create_event().map_err(work)?;
+    let r = time_us(1000, |_| d.record_event(e, StreamId::DEFAULT).map_err(work))?;
+    let q = time_us(1000, |_| d.query_event(e).map(|_| ()).map_err(work))?;
+    let s = time_us(100, |_| d.synchronize_stream(StreamId::DEFAULT).map_err(work))?;
+    put("cuEventRecord".into(), r);
+    put("cuEventQuery".into(), q);
+    put("cuStreamSynchronize_idle".into(), s);
+    d.destroy_event(e).map_err(work)?;
+    Ok(())
+}
+
+pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
+    let mut rows = Vec::new();
+    let use_cuda = match a.device {
+        DeviceChoice::Sim => false,
+        DeviceChoice::Cuda => true,
+        DeviceChoice::Auto => CudaDevice::new(0).is_ok(),
+    };
+    if use_cuda {
+        let make = || CudaDevice::new(0).map_err(work);
+        allocator_benches(&make, "cuda", a.threads, &mut rows)?;
+        device_benches(&make()?, &mut rows)?;
+    } else {
+        let make = || Ok(SimDevice::default());
+        allocator_benches(&make, "sim", a.threads, &mut rows)?;
+    }
+    for r in &rows {
+        if a.json {
+            println!("{}", serde_json::to_string(r).expect("rows serialize"));
+        } else {
+            println!("{:<28} {:<17} {:<5} {:>12.2} {}", r.bench, r.policy, r.device, r.value, r.unit);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,343 @@
+//! The `gpumem` policy: byte-granular packing in one virtual address range, with physical
+//! pages mapped where blocks need them and recycled where they are wholly free.
+//!
+//! Note [Why packing and recycling]
+//! --------------------------------
+//! PyTorch reserves 1.12-1.73× the live bytes on real training traces. The waste has two
+//! sources. Rounding: a 5 MiB request takes a block of a 20 MiB segment, a 10.1 MiB request a
+//! 12 MiB segment. Pinning: a segment holding one small live block cannot be given back, so
+//! its free space is reserved but unusable for anything larger than its holes. Here:
+//! - every block is placed at byte granularity (512 B) by best fit in one huge virtual
+//!   address range, so neighbouring tensors share physical pages and no request is rounded
+//!   beyond 512 B;
+//! - physical memory is mapped in chunks only under blocks that need it; a chunk no live
+//!   block touches is *idle*, and when new memory is needed beyond the peak so far, idle
+//!   chunks are unmapped first and their memory mapped where the request lands (recycled),
+//!   instead of reserving more. Virtual address space is plentiful; physical memory is not.
+//!
+//! Note [Why the peak decides when to recycle]
+//! -------------------------------------------
+//! Unmapping waits for the GPU and costs ~50 µs per chunk; mapping as much again. A training
+//! loop with fixed shapes finds every block a mapped hole after its first iteration and makes
+//! no device calls at all. While the footprint grows, mapping fresh memory below the peak
+//! reserved so far costs nothing in peak memory, so idle chunks are recycled only when a
+//! mapping would raise the peak. `empty_cache` unmaps every idle chunk.
+//!
+//! Note [Streams]
+//! --------------
+//! Free mapped memory belongs to the stream that freed it, as in PyTorch: only that stream
+//! reuses it without synchronization. Unmapped address space carries no pending work, so it
+//! belongs to no stream, and freshly mapped pages go to whichever stream asked.
+//! A block used on other streams (`record_stream`) waits for their events before it is free.
+
+use crate::config::AllocatorConfig;
+use crate::device::{Device, DeviceError, EventId, StreamId};
+use crate::engine::PtrMap;
+use crate::error::AllocError;
+use crate::history::{Action, History};
+use crate::stats::{DeviceStats, PoolKind};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A live (allocated or pending) block.
+pub(crate) struct Used {
+    pub size: u64,
+    pub requested: u64,
+    pub stream: StreamId,
+    pub allocated: bool,
+    pub event_count: u32,
+    pub stream_uses: Vec<StreamId>,
+}
+
+/// A piece of the address range: a live block, or free space (mapped, with its owning
+/// stream, or unmapped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Piece {
+    Used,
+    Free { stream: u64 },
+    Unmapped,
+}
+
+/// One physical allocation mapped at `start..start + size`.
+pub(crate) struct Chunk {
+    pub start: u64,
+    pub size: u64,
+    /// Live blocks overlapping the chunk.
+    pub users: u32,
+    /// Streams whose blocks used the chunk since it was mapped (waited for before unmapping).
+    pub streams: Vec<StreamId>,
+    /// When the chunk last became idle (for least-recently-used recycling).
+    pub idle_since: u64,
+}
+
+pub(crate) struct Packed<D: Device> {
+    pub device: D,
+    pub config: AllocatorConfig,
+    pub stats: DeviceStats,
+    pub history: History,
+    pub device_total: u64,
+    pub allowed_memory_maximum: Option<u64>,
+    /// The reserved address range and the physical page size.
+    pub base: u64,
+    pub va_size: u64,
+    pub page: u64,
+    /// Address space above this was never used.
+    pub frontier: u64,
+    /// Every piece below the frontier, by address: (size, kind). They tile the range.
+    pub pieces: BTreeMap<u64, (u64, Piece)>,
+    /// Free mapped pieces by (stream, size, address), for best fit.
+    pub free: BTreeSet<(u64, u64, u64)>,
+    /// Unmapped pieces by address (page-aligned).
+    pub unmapped: BTreeSet<u64>,
+    /// Live blocks by address.
+    pub live: PtrMap<Used>,
+    /// The chunk mapped at each page (index + 1), 0 where unmapped.
+    pub page_chunk: Vec<u32>,
+    pub chunks: Vec<Option<Chunk>>,
+    pub vacant_chunks: Vec<u32>,
+    /// Idle chunks by (idle_since, index).
+    pub idle: BTreeSet<(u64, u32)>,
+    pub idle_bytes: u64,
+    pub tick: u64,
+    pub mapped_bytes: u64,
+    /// The most ever mapped at once: recycling keeps mappings under it.
+    pub high_water: u64,
+    pub events: BTreeMap<StreamId, VecDeque<(EventId, u64)>>,
+    pub event_pool: Vec<EventId>,
+}
+
+impl<D: Device> Packed<D> {
+    pub(crate) fn new(device: D, config: AllocatorConfig) -> Result<Packed<D>, AllocError> {
+        let (_, total) = device.mem_get_info()?;
+        let page = device.page_granularity().max(2 << 20);
+        // Address space is plentiful: room for the device's memory four times over, so that
+        // holes left by recycling never run the range out.
+        let va_size = (total.saturating_mul(4)).div_ceil(page) * page;
+        let base = device.reserve(va_size)?;
+        let mut p = Packed {
+            device,
+            stats: DeviceStats { max_split_size: config.max_split_size_stat(), ..Default::default() },
+            config,
+            history: History::default(),
+            device_total: total,
+            allowed_memory_maximum: None,
+            base,
+            va_size,
+            page,
+            frontier: base,
+            pieces: BTreeMap::new(),
+            free: BTreeSet::new(),
+            unmapped: BTreeSet::new(),
+            live: PtrMap::default(),
+            page_chunk: Vec::new(),
+            chunks: Vec::new(),
+            vacant_chunks: Vec::new(),
+            idle: BTreeSet::new(),
+            idle_bytes: 0,
+            tick: 0,
+            mapped_bytes: 0,
+            high_water: 0,
+            events: BTreeMap::new(),
+            event_pool: Vec::new(),
+        };
+        if let Some(f) = p.config.per_process_memory_fraction {
+            p.set_memory_fraction(f)?;
+        }
+        Ok(p)
+    }
+
+    pub(crate) fn set_memory_fraction(&mut self, fraction: f64) -> Result<(), AllocError> {
+        if !(0.0..=1.0).contains(&fraction) || fraction.is_nan() {
+            return Err(AllocError::InvalidFraction(fraction));
+        }
+        self.allowed_memory_maximum = Some((fraction * self.device_total as f64) as u64);
+        Ok(())
+    }
+
+    // ---- pieces ----
+
+    pub(crate) fn set_piece(&mut self, addr: u64, size: u64, kind: Piece) {
+        self.pieces.insert(addr, (size, kind));
+        match kind {
+            Piece::Free { stream } => {
+                self.free.insert((stream, size, addr));
+            }
+            Piece::Unmapped => {
+                self.unmapped.insert(addr);
+            }
+            Piece::Used => {}
+        }
+    }
+
+    pub(crate) fn take_piece(&mut self, addr: u64) -> (u64, Piece) {
+        let (size, kind) = self.pieces.remove(&addr).expect("a piece at this address");
+        match kind {
+            Piece::Free { stream } => {
+                self.free.remove(&(stream, size, addr));
+            }
+            Piece::Unmapped => {
+                self.unmapped.remove(&addr);
+            }
+            Piece::Used => {}
+        }
+        (size, kind)
+    }
+
+    pub(crate) fn piece_before(&self, addr: u64) -> Option<(u64, u64, Piece)> {
+        self.pieces.range(..addr).next_back().map(|(&a, &(s, k))| (a, s, k))
+    }
+
+    /// Adds free (or unmapped) space, merging it with like neighbours.
+    pub(crate) fn insert_free(&mut self, mut addr: u64, mut size: u64, kind: Piece) {
+        if let Some((pa, ps, pk)) = self.piece_before(addr) {
+            if pk == kind && pa + ps == addr {
+                self.take_piece(pa);
+                addr = pa;
+                size += ps;
+            }
+        }
+        if let Some(&(ns, nk)) = self.pieces.get(&(addr + size)) {
+            if nk == kind {
+                self.take_piece(addr + size);
+                size += ns;
+            }
+        }
+        if kind == Piece::Unmapped && addr + size == self.frontier {
+            // unmapped space at the top goes back to the never-used range
+            self.frontier = addr;
+            return;
+        }
+        self.set_piece(addr, size, kind);
+    }
+
+    // ---- chunks ----
+
+    pub(crate) fn chunk_at(&self, addr: u64) -> Option<u32> {
+        let i = ((addr - self.base) / self.page) as usize;
+        self.page_chunk.get(i).copied().filter(|&c| c > 0).map(|c| c - 1)
+    }
+
+    /// Counts a new live block on every chunk under it.
+    pub(crate) fn add_users(&mut self, addr: u64, size: u64, stream: StreamId) {
+        let mut p = addr;
+        while p < addr + size {
+            let c = self.chunk_at(p).expect("live blocks are mapped");
+            let ch = self.chunks[c as usize].as_mut().unwrap();
+            ch.users += 1;
+            if !ch.streams.contains(&stream) {
+                ch.streams.push(stream);
+            }
+            if ch.users == 1 {
+                self.idle.remove(&(ch.idle_since, c));
+                self.idle_bytes -= ch.size;
+            }
+            p = ch.start + ch.size;
+        }
+    }
+
+    pub(crate) fn remove_users(&mut self, addr: u64, size: u64) {
+        let mut p = addr;
+        while p < addr + size {
+            let c = self.chunk_at(p).expect("live blocks are mapped");
+            let ch = self.chunks[c as usize].as_mut().unwrap();
+            ch.users -= 1;
+            if ch.users == 0 {
+                self.tick += 1;
+                ch.idle_since = self.tick;
+                self.idle.insert((ch.idle_since, c));
+                self.idle_bytes += ch.size;
+            }
+            p = ch.start + ch.size;
+        }
+    }
+
+    /// Maps a new chunk at `start..start + size` (page-aligned, unmapped).
+    pub(crate) fn map_chunk(&mut self, start: u64, size: u64, stream: StreamId) -> Result<bool, AllocError> {
+        match self.device.map(start, size) {
+            Ok(()) => {}
+            Err(DeviceError::OutOfMemory) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        let chunk = Chunk { start, size, users: 0, streams: Vec::new(), idle_since: 0 };
+        let c = match self.vacant_chunks.pop() {
+            Some(c) => {
+                self.chunks[c as usize] = Some(chunk);
+                c
+            }
+            None => {
+                self.chunks.push(Some(chunk));
+                (self.chunks.len() - 1) as u32
+            }
+        };
+        let (first, n) = (((start - self.base) / self.page) as usize, (size / self.page) as usize);
+        if self.page_chunk.len() < first + n {
+            self.page_chunk.resize(first + n, 0);
+        }
+        self.page_chunk[first..first + n].fill(c + 1);
+        // a fresh chunk is idle until the block it was mapped for is placed on it
+        self.tick += 1;
+        let ch = self.chunks[c as usize].as_mut().unwrap();
+        ch.idle_since = self.tick;
+        self.idle.insert((self.tick, c));
+        self.idle_bytes += size;
+        self.mapped_bytes += size;
+        self.high_water = self.high_water.max(self.mapped_bytes);
+        self.stats.reserved_bytes.increase(PoolKind::Large, size);
+        self.stats.num_device_alloc += 1;
+        self.history.record(Action::SegmentMap, start, size, stream);
+        Ok(true)
+    }
+
+    /// Unmaps idle chunk `c`; its address range becomes unmapped free space.
+    pub(crate) fn unmap_chunk(&mut self, c: u32) -> Result<(), AllocError> {
+        let ch = self.chunks[c as usize].take().expect("a live chunk");
+        debug_assert_eq!(ch.users, 0);
+        // See Note [Unmapping does not wait] in cuda.rs.
+        for s in &ch.streams {
+            self.device.synchronize_stream(*s)?;
+        }
+        self.device.unmap(ch.start, ch.size)?;
+        self.idle.remove(&(ch.idle_since, c));
+        self.idle_bytes -= ch.size;
+        self.mapped_bytes -= ch.size;
+        self.vacant_chunks.push(c);
+        let (first, n) = (((ch.start - self.base) / self.page) as usize, (ch.size / self.page) as usize);
+        self.page_chunk[first..first + n].fill(0);
+        self.stats.reserved_bytes.decrease(PoolKind::Large, ch.size);
+        self.stats.num_device_free += 1;
+        self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
+        // The free pieces over the chunk (of any streams) lose their mapping.
+        let (start, end) = (ch.start, ch.start + ch.size);
+        let mut at = self.piece_before(start + 1).map(|p| p.0).unwrap_or(start);
+        while at < end {
+            let (size, kind) = self.take_piece(at);
+            debug_assert!(matches!(kind, Piece::Free { .. }), "an idle chunk holds only free space");
+            let (lo, hi) = (at.max(start), (at + size).min(end));
+            if at < lo {
+                self.set_piece(at, lo - at, kind);
+            }
+            if hi < at + size {
+                self.set_piece(hi, at + size - hi, kind);
+            }
+            self.insert_free(lo, hi - lo, Piece::Unmapped);
+            at += size;
+        }
+        Ok(())
+    }
+
+    /// Unmaps idle chunks, least recently used first, until `needed` more bytes fit under
+    /// `limit`; chunks overlapping `keep` stay.
+    pub(crate) fn recycle(&mut self, needed: u64, limit: u64, keep: (u64, u64)) -> Result<(), AllocError> {
+        while self.mapped_bytes + needed > limit {
+            let Some(&(t, c)) = self.idle.iter().find(|&&(_, c)| {
+                let ch = self.chunks[c as usize].as_ref().unwrap();
+                ch.start + ch.size <= keep.0 || ch.start >= keep.1
+            }) else {
+                break;
+            };
+            let _ = t;
+            self.unmap_chunk(c)?;
+        }
+        Ok(())
+    }
+}
+

@@ -1,0 +1,389 @@
+//! The request path of the `gpumem` policy: placing blocks, freeing them, events, and
+//! `empty_cache`. See `packed.rs` for the design.
+
+use crate::device::{Device, StreamId};
+use crate::error::{AllocError, OutOfMemory};
+use crate::history::Action;
+use crate::packed::{Packed, Piece, Used};
+use crate::size::{self, MAX_REQUEST};
+use crate::snapshot::{BlockInfo, BlockState, SegmentInfo};
+use crate::stats::PoolKind;
+
+/// The `gpumem` policy has one arena, not PyTorch's two pools: its stats appear under the
+/// large pool (and "all").
+const POOL: PoolKind = PoolKind::Large;
+
+/// Where a block that needs new pages goes: `start`, with `[map_from, map_to)` to be mapped.
+struct Placement {
+    size: u64,
+    start: u64,
+    map_from: u64,
+    map_to: u64,
+}
+
+impl<D: Device> Packed<D> {
+    pub(crate) fn malloc(&mut self, orig: u64, stream: StreamId) -> Result<u64, AllocError> {
+        if orig >= MAX_REQUEST {
+            return Err(AllocError::TooLarge(orig));
+        }
+        self.process_events()?;
+        let size = size::round_size(orig, &self.config);
+        // Fast path: the best-fitting mapped hole of this stream.
+        let mut hit = self.best_fit(stream, size);
+        let factor = self.config.compact_factor;
+        if let Some(addr) = hit.filter(|_| factor > 0) {
+            // See Note [Splitting idle chunks].
+            let victims = self.oversized_idle_chunks(addr, size, factor);
+            if !victims.is_empty() {
+                for c in victims {
+                    self.unmap_chunk(c)?;
+                }
+                hit = self.best_fit(stream, size).filter(|&a| self.oversized_idle_chunks(a, size, factor).is_empty());
+            }
+        }
+        let addr = match hit {
+            Some(addr) => addr,
+            None => self.grow(size, stream, orig)?,
+        };
+        self.carve(addr, size, stream, orig);
+        Ok(addr)
+    }
+
+    /// The address of the smallest free mapped piece of `stream` that holds `size` bytes.
+    fn best_fit(&self, stream: StreamId, size: u64) -> Option<u64> {
+        self.free.range((stream.0, size, 0)..).next().filter(|k| k.0 == stream.0).map(|k| k.2)
+    }
+
+    /// Takes `size` bytes at the start of the free piece at `addr` for a new block.
+    fn carve(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
+        let (psize, kind) = self.take_piece(addr);
+        debug_assert!(matches!(kind, Piece::Free { .. }) && psize >= size);
+        self.pieces.insert(addr, (size, Piece::Used));
+        if psize > size {
+            self.set_piece(addr + size, psize - size, kind);
+        }
+        self.add_users(addr, size, stream);
+        self.live.insert(
+            addr,
+            Used { size, requested: orig, stream, allocated: true, event_count: 0, stream_uses: Vec::new() },
+        );
+        let k = POOL;
+        let s = &mut self.stats;
+        s.allocation.increase(k, 1);
+        s.allocated_bytes.increase(k, size);
+        s.active.increase(k, 1);
+        s.active_bytes.increase(k, size);
+        s.requested_bytes.increase(k, orig);
+        self.history.record(Action::Alloc, addr, orig, stream);
+    }
+
+    /// Finds room that needs new pages, recycles idle chunks if the mapping would raise the
+    /// peak, maps, and returns the address of a free piece now large enough.
+    fn grow(&mut self, size: u64, stream: StreamId, orig: u64) -> Result<u64, AllocError> {
+        let mut place = self.placement(size, stream);
+        let mut need = place.map_to - place.map_from;
+        if self.frontier_would_overflow(&place) {
+            return Err(self.out_of_memory(orig, need, stream));
+        }
+        let keep = (place.start, place.map_to.max(place.start + size));
+        if self.mapped_bytes + need > self.high_water {
+            self.recycle(need, self.high_water, keep)?;
+            // recycling may have opened a better place (or moved the frontier down)
+            place = self.placement(size, stream);
+            need = place.map_to - place.map_from;
+        }
+        if let Some(max) = self.allowed_memory_maximum {
+            if self.mapped_bytes + need > max {
+                self.recycle(need, max, (place.start, place.map_to.max(place.start + size)))?;
+                if self.mapped_bytes + need > max {
+                    return Err(self.out_of_memory(orig, need, stream));
+                }
+            }
+        }
+        if !self.map_range(&place, stream)? {
+            // The device is full: give back every idle chunk and try once more.
+            self.synchronize_and_free_events()?;
+            self.stats.num_alloc_retries += 1;
+            self.recycle(need, 0, (place.start, place.map_to.max(place.start + size)))?;
+            place = self.placement(size, stream);
+            if !self.map_range(&place, stream)? {
+                return Err(self.out_of_memory(orig, place.map_to - place.map_from, stream));
+            }
+        }
+        Ok(place.start)
+    }
+
+    /// Idle chunks under `[addr, addr + size)` more than `f` times larger than the block.
+    fn oversized_idle_chunks(&self, addr: u64, size: u64, f: u64) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut p = addr;
+        while p < addr + size {
+            let c = self.chunk_at(p).unwrap();
+            let ch = self.chunks[c as usize].as_ref().unwrap();
+            if ch.users == 0 && ch.size > f * size && ch.size > 4 * self.page {
+                out.push(c);
+            }
+            p = ch.start + ch.size;
+        }
+        out
+    }
+
+    fn frontier_would_overflow(&self, place: &Placement) -> bool {
+        place.map_to > self.base + self.va_size
+    }
+
+    /// Maps `[map_from, map_to)` and turns it into free space of `stream` joined to the free
+    /// space around it.
+    fn map_range(&mut self, place: &Placement, stream: StreamId) -> Result<bool, AllocError> {
+        let (from, to) = (place.map_from, place.map_to);
+        // Note [Chunk shapes]: the pages wholly inside the block form one chunk (one device
+        // call, and idle exactly when the block is gone); the pages it shares with neighbours
+        // are chunks of one page, so that no neighbour pins more than a page.
+        let page = self.page;
+        let lo = (place.start.div_ceil(page) * page).clamp(from, to);
+        let hi = ((place.start + place.size) / page * page).clamp(from, to);
+        let mut pieces = Vec::with_capacity(4);
+        pieces.extend((from..lo).step_by(page as usize).map(|at| (at, page)));
+        if hi > lo {
+            pieces.push((lo, hi - lo));
+        }
+        pieces.extend((hi.max(lo)..to).step_by(page as usize).map(|at| (at, page)));
+        for (at, n) in pieces {
+            if !self.map_chunk(at, n, stream)? {
+                return Ok(false);
+            }
+        }
+        if from == self.frontier {
+            self.frontier = to;
+        } else {
+            // carve the mapped part out of the unmapped piece that holds it
+            let (ua, us, _) = self.piece_before(from + 1).expect("an unmapped piece");
+            self.take_piece(ua);
+            if ua < from {
+                self.set_piece(ua, from - ua, Piece::Unmapped);
+            }
+            if to < ua + us {
+                self.set_piece(to, ua + us - to, Piece::Unmapped);
+            }
+        }
+        self.insert_free(from, to - from, Piece::Free { stream: stream.0 });
+        Ok(true)
+    }
+
+    /// The best place for a block that needs new pages: the unmapped hole (with the free
+    /// mapped space of this stream on either side) that fits it most tightly, else the top.
+    fn placement(&self, size: u64, stream: StreamId) -> Placement {
+        let page = self.page;
+        let mine = Piece::Free { stream: stream.0 };
+        let free_before = |addr: u64| match self.piece_before(addr) {
+            Some((a, s, k)) if k == mine && a + s == addr => Some((a, s)),
+            _ => None,
+        };
+        let mut best: Option<(u64, Placement)> = None;
+        for &ua in &self.unmapped {
+            let (us, _) = self.pieces[&ua];
+            let before = free_before(ua);
+            let after = match self.pieces.get(&(ua + us)) {
+                Some(&(s, k)) if k == mine => s,
+                _ => 0,
+            };
+            let room = before.map_or(0, |b| b.1) + us + after;
+            if room < size {
+                continue;
+            }
+            let start = before.map_or(ua, |b| b.0);
+            let map_to = (start + size).div_ceil(page).max(ua / page + 1) * page;
+            let waste = room - size;
+            if best.as_ref().is_none_or(|b| waste < b.0) {
+                best = Some((waste, Placement { size, start, map_from: ua, map_to: map_to.min(ua + us) }));
+            }
+        }
+        if let Some((_, p)) = best {
+            return p;
+        }
+        let top = self.frontier;
+        let start = free_before(top).map_or(top, |b| b.0);
+        let map_to = ((start + size).div_ceil(page) * page).max(top + page);
+        Placement { size, start, map_from: top, map_to }
+    }
+
+    pub(crate) fn free(&mut self, ptr: u64) -> Result<(), AllocError> {
+        let u = self.live.get_mut(&ptr).filter(|u| u.allocated).ok_or(AllocError::InvalidPointer(ptr))?;
+        u.allocated = false;
+        let (size, requested, stream) = (u.size, u.requested, u.stream);
+        let k = POOL;
+        self.stats.allocation.decrease(k, 1);
+        self.stats.allocated_bytes.decrease(k, size);
+        self.history.record(Action::FreeRequested, ptr, requested, stream);
+        let uses = std::mem::take(&mut self.live.get_mut(&ptr).unwrap().stream_uses);
+        if uses.is_empty() {
+            self.free_completed(ptr);
+            return Ok(());
+        }
+        for s in uses {
+            let event = match self.event_pool.pop() {
+                Some(e) => e,
+                None => self.device.create_event()?,
+            };
+            self.device.record_event(event, s)?;
+            self.live.get_mut(&ptr).unwrap().event_count += 1;
+            self.events.entry(s).or_default().push_back((event, ptr));
+        }
+        Ok(())
+    }
+
+    fn free_completed(&mut self, ptr: u64) {
+        let u = self.live.remove(&ptr).expect("a live block");
+        self.history.record(Action::FreeCompleted, ptr, u.requested, u.stream);
+        let k = POOL;
+        self.stats.active.decrease(k, 1);
+        self.stats.active_bytes.decrease(k, u.size);
+        self.stats.requested_bytes.decrease(k, u.requested);
+        self.pieces.remove(&ptr);
+        self.remove_users(ptr, u.size);
+        self.insert_free(ptr, u.size, Piece::Free { stream: u.stream.0 });
+    }
+
+    pub(crate) fn record_stream(&mut self, ptr: u64, stream: StreamId) -> Result<(), AllocError> {
+        let u = self.live.get_mut(&ptr).filter(|u| u.allocated).ok_or(AllocError::InvalidPointer(ptr))?;
+        if stream != u.stream && !u.stream_uses.contains(&stream) {
+            u.stream_uses.push(stream);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn process_events(&mut self) -> Result<(), AllocError> {
+        if self.events.is_empty() {
+            return Ok(());
+        }
+        let streams: Vec<StreamId> = self.events.keys().copied().collect();
+        for stream in streams {
+            while let Some(&(event, ptr)) = self.events.get(&stream).and_then(|q| q.front()) {
+                if !self.device.query_event(event)? {
+                    break;
+                }
+                self.events.get_mut(&stream).unwrap().pop_front();
+                self.event_pool.push(event);
+                self.event_done(ptr);
+            }
+            if self.events.get(&stream).is_some_and(|q| q.is_empty()) {
+                self.events.remove(&stream);
+            }
+        }
+        Ok(())
+    }
+
+    fn event_done(&mut self, ptr: u64) {
+        let u = self.live.get_mut(&ptr).expect("a pending block");
+        u.event_count -= 1;
+        if u.event_count == 0 {
+            self.free_completed(ptr);
+        }
+    }
+
+    pub(crate) fn synchronize_and_free_events(&mut self) -> Result<(), AllocError> {
+        self.stats.num_sync_all_streams += 1;
+        for (_, queue) in std::mem::take(&mut self.events) {
+            for (event, ptr) in queue {
+                self.device.synchronize_event(event)?;
+                self.event_pool.push(event);
+                self.event_done(ptr);
+            }
+        }
+        Ok(())
+    }
+
+    /// `empty_cache()`: waits for pending frees, then unmaps every idle chunk.
+    pub(crate) fn empty_cache(&mut self) -> Result<(), AllocError> {
+        self.synchronize_and_free_events()?;
+        let idle: Vec<u32> = self.idle.iter().map(|&(_, c)| c).collect();
+        for c in idle {
+            self.unmap_chunk(c)?;
+        }
+        // What is left mapped is the new baseline for recycling.
+        self.high_water = self.mapped_bytes;
+        Ok(())
+    }
+
+    /// One segment per contiguous mapped range, as PyTorch reports expandable segments.
+    pub(crate) fn snapshot(&self) -> Vec<SegmentInfo> {
+        let mut out: Vec<SegmentInfo> = Vec::new();
+        let mut open = false;
+        for (&addr, &(size, kind)) in &self.pieces {
+            let block = match kind {
+                Piece::Unmapped => {
+                    open = false;
+                    continue;
+                }
+                Piece::Free { .. } => BlockInfo { address: addr, size, requested_size: 0, state: BlockState::Inactive },
+                Piece::Used => {
+                    let u = &self.live[&addr];
+                    let state = if u.allocated { BlockState::ActiveAllocated } else { BlockState::ActivePendingFree };
+                    BlockInfo { address: addr, size, requested_size: u.requested, state }
+                }
+            };
+            if !open {
+                out.push(SegmentInfo {
+                    address: addr,
+                    total_size: 0,
+                    allocated_size: 0,
+                    active_size: 0,
+                    requested_size: 0,
+                    stream: StreamId::DEFAULT,
+                    pool: PoolKind::Large,
+                    is_expandable: true,
+                    blocks: Vec::new(),
+                });
+                open = true;
+            }
+            let seg = out.last_mut().unwrap();
+            seg.total_size += size;
+            if block.state == BlockState::ActiveAllocated {
+                seg.allocated_size += size;
+            }
+            if block.state != BlockState::Inactive {
+                seg.active_size += size;
+                seg.requested_size += block.requested_size;
+            }
+            seg.blocks.push(block);
+        }
+        out
+    }
+}
+
+impl<D: Device> Packed<D> {
+    pub(crate) fn out_of_memory(&mut self, orig: u64, need: u64, stream: StreamId) -> AllocError {
+        let (free, total) = self.device.mem_get_info().unwrap_or((0, self.device_total));
+        self.history.record(Action::Oom, free, orig, stream);
+        self.stats.num_ooms += 1;
+        let allocated = self.stats.allocated_bytes.all().current as u64;
+        let active = self.stats.active_bytes.all().current as u64;
+        let reserved = self.mapped_bytes;
+        let largest_free_block = self.free.iter().map(|k| k.1).max().unwrap_or(0);
+        let non_releasable = reserved.saturating_sub(active + self.idle_bytes);
+        let hint = match self.allowed_memory_maximum {
+            Some(max) if max < total && need <= free => format!(
+                "The per-process memory fraction caps this process at {}, and the device itself has room: raise the fraction.",
+                size::format_size(max)
+            ),
+            _ if reserved > allocated + allocated / 10 => format!(
+                "{} is mapped under freed space that shares pages with live blocks; that is as tight as packing gets. Free tensors you no longer need, or use a smaller batch.",
+                size::format_size(non_releasable)
+            ),
+            _ => "Live tensors hold nearly all of this memory: free tensors you no longer need, use a smaller batch, or look for leaks with a snapshot.".to_string(),
+        };
+        AllocError::OutOfMemory(Box::new(OutOfMemory {
+            device: self.device.index(),
+            requested: orig,
+            alloc_size: need,
+            total,
+            free,
+            allowed: self.allowed_memory_maximum,
+            allocated,
+            reserved,
+            largest_free_block,
+            non_releasable,
+            hint,
+        }))
+    }
+}
