@@ -35,14 +35,15 @@ fn hit_ns<D: Device>(a: &Allocator<D>, size: u64, stream: StreamId) -> Result<f6
 }
 
 /// Million alloc+free pairs per second with `threads` threads, each on its own stream.
-fn throughput<D: Device + 'static>(a: &Arc<Allocator<D>>, threads: usize) -> Result<f64, Failure> {
+fn throughput<D: Device + 'static>(a: &Arc<Allocator<D>>, streams: &[StreamId]) -> Result<f64, Failure> {
     let n = 100_000;
+    let threads = streams.len();
     let t = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|i| {
             let a = a.clone();
+            let stream = streams[i];
             std::thread::spawn(move || {
-                let stream = StreamId(0x1000 + i as u64);
                 let size = 4096 * (i as u64 + 1);
                 for _ in 0..n {
                     let p = a.malloc(size, stream).expect("cache hit");
@@ -57,10 +58,12 @@ fn throughput<D: Device + 'static>(a: &Arc<Allocator<D>>, threads: usize) -> Res
     Ok((threads * n) as f64 / t.elapsed().as_secs_f64() / 1e6)
 }
 
+/// `streams[i]` is the stream of thread `i`: real streams on a GPU, where unmapping
+/// synchronizes the streams that used the memory.
 fn allocator_benches<D: Device + 'static>(
     make: &dyn Fn() -> Result<D, Failure>,
     device: &'static str,
-    threads: usize,
+    streams: &[StreamId],
     rows: &mut Vec<Row>,
 ) -> Result<(), Failure> {
     for name in Policy::NAMES {
@@ -71,8 +74,8 @@ fn allocator_benches<D: Device + 'static>(
             rows.push(Row { bench: format!("hit_pair_{label}"), policy: name.to_string(), device, value: v, unit: "ns/pair" });
         }
         let mut t = 1;
-        while t <= threads {
-            let v = throughput(&a, t)?;
+        while t <= streams.len() {
+            let v = throughput(&a, &streams[..t])?;
             rows.push(Row { bench: format!("threads_{t}"), policy: name.to_string(), device, value: v, unit: "M pairs/s" });
             t *= 2;
         }
@@ -133,12 +136,16 @@ pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
         DeviceChoice::Auto => CudaDevice::new(0).is_ok(),
     };
     if use_cuda {
-        let make = || CudaDevice::new(0).map_err(work);
-        allocator_benches(&make, "cuda", a.threads, &mut rows)?;
-        device_benches(&make()?, &mut rows)?;
+        let dev = CudaDevice::new(0).map_err(work)?;
+        let owned: Vec<_> = (0..a.threads).map(|_| dev.context().new_stream()).collect::<Result<_, _>>().map_err(|e| work(format!("{e:?}")))?;
+        let streams: Vec<StreamId> = owned.iter().map(|s| StreamId(s.cu_stream() as u64)).collect();
+        let make = || Ok(dev.clone());
+        allocator_benches(&make, "cuda", &streams, &mut rows)?;
+        device_benches(&dev, &mut rows)?;
     } else {
+        let streams: Vec<StreamId> = (0..a.threads as u64).map(|i| StreamId(0x1000 + i)).collect();
         let make = || Ok(SimDevice::default());
-        allocator_benches(&make, "sim", a.threads, &mut rows)?;
+        allocator_benches(&make, "sim", &streams, &mut rows)?;
     }
     for r in &rows {
         if a.json {

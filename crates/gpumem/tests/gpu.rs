@@ -39,7 +39,7 @@ impl Lcg {
 
 fn gpu_engine_invariants_hold_on_the_real_device() {
     let Some(dev) = gpu("gpu_engine_invariants_hold_on_the_real_device") else { return };
-    for conf in ["", "expandable_segments:True", "max_split_size_mb:64"] {
+    for conf in ["", "expandable_segments:True", "max_split_size_mb:64", "policy:gpumem", "policy:gpumem,compact_factor:2"] {
         let ctx = dev.context().clone();
         let side = ctx.new_stream().unwrap();
         let streams = [StreamId(0), StreamId(side.cu_stream() as u64)];
@@ -115,7 +115,7 @@ fn gpu_tutorial_walkthrough_and_driver_free_memory() {
 
 fn gpu_data_survives_other_allocations() {
     let Some(dev) = gpu("gpu_data_survives_other_allocations") else { return };
-    for conf in ["", "expandable_segments:True"] {
+    for conf in ["", "expandable_segments:True", "policy:gpumem", "policy:gpumem,compact_factor:2"] {
         let a = allocator(dev.clone(), conf);
         let stream = dev.context().default_stream();
         let n = 3 << 20;
@@ -207,7 +207,7 @@ fn gpu_expandable_pages_map_and_unmap_safely() {
 
 fn gpu_out_of_memory_is_typed_and_recoverable() {
     let Some(dev) = gpu("gpu_out_of_memory_is_typed_and_recoverable") else { return };
-    for conf in ["", "expandable_segments:True"] {
+    for conf in ["", "expandable_segments:True", "policy:gpumem"] {
         let a = allocator(dev.clone(), conf);
         let (_, total) = dev.mem_get_info().unwrap();
         let p = a.malloc(1 << 30, StreamId::DEFAULT).unwrap();
@@ -222,6 +222,37 @@ fn gpu_out_of_memory_is_typed_and_recoverable() {
         a.empty_cache().unwrap();
         assert_eq!(a.stats().num_ooms, 1);
     }
+}
+
+fn gpu_gpumem_recycles_a_page_only_after_its_stream_is_done() {
+    let Some(dev) = gpu("gpu_gpumem_recycles_a_page_only_after_its_stream_is_done") else { return };
+    let ctx = dev.context().clone();
+    let a_stream = ctx.new_stream().unwrap();
+    let b_stream = ctx.new_stream().unwrap();
+    let a = allocator(dev.clone(), "policy:gpumem");
+    let n = 32 << 20;
+    let pattern: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+    let mut z = Tensor::<u8>::empty_with(&a, &b_stream, &[n]).unwrap();
+    z.copy_from(&pattern).unwrap();
+    let mut w = Tensor::<u8>::empty_with(&a, &b_stream, &[n]).unwrap();
+    // B is held up for 300 ms, then copies z into w
+    // SAFETY: a host function with no data, on a live stream.
+    unsafe {
+        cudarc::driver::sys::cuLaunchHostFunc(b_stream.cu_stream(), Some(block_stream), std::ptr::null_mut())
+            .result()
+            .unwrap();
+    }
+    b_stream.memcpy_dtod(&z, &mut w).unwrap();
+    let t = std::time::Instant::now();
+    drop(z); // a same-stream free: its pages are idle at once, while B still has to read them
+    let unmaps = dev.counters().unmaps;
+    // a request on another stream that needs new memory beyond the peak recycles idle pages
+    let big = Tensor::<u8>::empty_with(&a, &a_stream, &[n]).unwrap();
+    assert!(dev.counters().unmaps > unmaps, "z's pages were recycled");
+    assert!(t.elapsed().as_millis() >= 200, "recycling waited for stream B ({:?})", t.elapsed());
+    assert_eq!(w.to_vec().unwrap(), pattern, "B read z intact");
+    drop((big, w));
+    ctx.synchronize().expect("no illegal-address error");
 }
 
 fn gpu_global_api_and_every_gpu() {
@@ -259,6 +290,7 @@ fn main() {
         ),
         ("gpu_expandable_pages_map_and_unmap_safely", gpu_expandable_pages_map_and_unmap_safely),
         ("gpu_out_of_memory_is_typed_and_recoverable", gpu_out_of_memory_is_typed_and_recoverable),
+        ("gpu_gpumem_recycles_a_page_only_after_its_stream_is_done", gpu_gpumem_recycles_a_page_only_after_its_stream_is_done),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
