@@ -98,6 +98,9 @@ pub struct ReplayReport {
     pub ns_per_op: f64,
     /// Nanoseconds per op over the second half of the ops.
     pub steady_ns_per_op: f64,
+    /// Device allocations and frees (as `device_allocs` + `device_frees`) made during the second
+    /// half of the ops: what the steady state still pays the driver for.
+    pub steady_device_calls: u64,
     /// `segment_alloc` events in the trace (with `--verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segments_expected: Option<u64>,
@@ -214,12 +217,18 @@ fn run<D: ReplayDevice>(
     let (mut ooms, mut allocs_matched, mut empty_cache_calls, mut peak_op) = (0u64, 0u64, 0u64, 0u64);
     let start = Instant::now();
     let mut t_mid = start;
+    let calls = |a: &Allocator<D>| {
+        let s = a.stats();
+        (s.num_device_alloc + s.num_device_free) as u64
+    };
+    let mut calls_mid = 0;
     for op in &plan.ops {
         if done >= stop_after && is_op(op) {
             break;
         }
         if is_op(op) {
             if done == mid {
+                calls_mid = calls(alloc);
                 t_mid = Instant::now();
             }
             done += 1;
@@ -313,6 +322,7 @@ fn run<D: ReplayDevice>(
         seconds,
         ns_per_op: seconds * 1e9 / total_ops.max(1) as f64,
         steady_ns_per_op: (end - t_mid).as_secs_f64() * 1e9 / steady_ops,
+        steady_device_calls: calls(alloc) - calls_mid,
         segments_expected: None,
         segments_matched: None,
         allocs_expected: None,

@@ -9,6 +9,10 @@ use crate::size::{self, MAX_REQUEST};
 use crate::snapshot::{BlockInfo, BlockState, SegmentInfo};
 use crate::stats::PoolKind;
 
+/// The largest chunk mapped in one call. Larger interiors are split, so that a block that
+/// later lands partly in a huge freed region pins at most this much (Note [Chunk shapes]).
+const MAX_CHUNK: u64 = 256 << 20;
+
 /// The `gpumem` policy has one arena, not PyTorch's two pools: its stats appear under the
 /// large pool (and "all").
 const POOL: PoolKind = PoolKind::Large;
@@ -145,7 +149,12 @@ impl<D: Device> Packed<D> {
         let mut pieces = Vec::with_capacity(4);
         pieces.extend((from..lo).step_by(page as usize).map(|at| (at, page)));
         if hi > lo {
-            pieces.push((lo, hi - lo));
+            let mut at = lo;
+            while at < hi {
+                let n = (hi - at).min(MAX_CHUNK);
+                pieces.push((at, n));
+                at += n;
+            }
         }
         pieces.extend((hi.max(lo)..to).step_by(page as usize).map(|at| (at, page)));
         for (at, n) in pieces {
