@@ -74,8 +74,8 @@ pub(crate) struct ReplayArgs {
 pub(crate) struct SummaryArgs {
     /// The trace file
     pub trace: String,
-    /// Policy (default torch)
-    #[arg(long, short = 'p', default_value = "torch")]
+    /// Policy
+    #[arg(long, short = 'p', default_value = "gpumem")]
     pub policy: String,
     /// Capacity of the simulated device
     #[arg(long)]

@@ -71,12 +71,24 @@ fn allocator_benches<D: Device + 'static>(
         let a = Arc::new(Allocator::with_policy(make()?, &policy).map_err(work)?);
         for (label, size) in [("512B", 512u64), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] {
             let v = hit_ns(&a, size, StreamId::DEFAULT)?;
-            rows.push(Row { bench: format!("hit_pair_{label}"), policy: name.to_string(), device, value: v, unit: "ns/pair" });
+            rows.push(Row {
+                bench: format!("hit_pair_{label}"),
+                policy: name.to_string(),
+                device,
+                value: v,
+                unit: "ns/pair",
+            });
         }
         let mut t = 1;
         while t <= streams.len() {
             let v = throughput(&a, &streams[..t])?;
-            rows.push(Row { bench: format!("threads_{t}"), policy: name.to_string(), device, value: v, unit: "M pairs/s" });
+            rows.push(Row {
+                bench: format!("threads_{t}"),
+                policy: name.to_string(),
+                device,
+                value: v,
+                unit: "M pairs/s",
+            });
             t *= 2;
         }
         a.empty_cache().map_err(work)?;
@@ -137,7 +149,10 @@ pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
     };
     if use_cuda {
         let dev = CudaDevice::new(0).map_err(work)?;
-        let owned: Vec<_> = (0..a.threads).map(|_| dev.context().new_stream()).collect::<Result<_, _>>().map_err(|e| work(format!("{e:?}")))?;
+        let owned: Vec<_> = (0..a.threads)
+            .map(|_| dev.context().new_stream())
+            .collect::<Result<_, _>>()
+            .map_err(|e| work(format!("{e:?}")))?;
         let streams: Vec<StreamId> = owned.iter().map(|s| StreamId(s.cu_stream() as u64)).collect();
         let make = || Ok(dev.clone());
         allocator_benches(&make, "cuda", &streams, &mut rows)?;

@@ -3,7 +3,8 @@
 use crate::args::{DemoArgs, DeviceChoice};
 use crate::Failure;
 use gpumem::{
-    format_size, AllocError, Allocator, AllocatorConfig, CudaDevice, Device, SimDevice, StreamId, Tensor,
+    format_size, AllocError, Allocator, AllocatorConfig, CudaDevice, Device, Policy, PolicyKind, SimDevice,
+    StreamId, Tensor,
 };
 use std::sync::Arc;
 
@@ -42,14 +43,17 @@ fn walk<D: Device>(
         println!("   driver free memory = {}", mb(free(a)?));
         Ok(())
     };
-    println!("How to clear GPU memory, on the {device_name}, policy {}\n", alloc.config().source_or("torch"));
+    println!("How to clear GPU memory, on the {device_name}, policy {}\n", Policy::kind_name(alloc.policy()));
     let free0 = free(alloc)?;
     println!("0. Before anything: driver free memory = {}\n", mb(free0));
     println!("1. x = torch.randn(10000, 10000, device='cuda')");
     let x = make_x().map_err(work)?;
     show(alloc)?;
     let requested = alloc.stats().requested_bytes.all().current as u64;
-    println!("   (x asked for {}; PyTorch's rounding adds the rest to allocated)\n", mb(requested));
+    if requested != alloc.memory_allocated() {
+        println!("   (x asked for {}; the policy's rounding counts the rest as allocated)", mb(requested));
+    }
+    println!();
     println!("2. torch.cuda.empty_cache() while x is alive: the pitfall, nothing is freed");
     alloc.empty_cache().map_err(work)?;
     show(alloc)?;
@@ -82,8 +86,12 @@ fn walk<D: Device>(
     Ok(())
 }
 
+/// The options of `GPUMEM_ALLOC_CONF`, with the gpumem policy unless they name another.
 fn config() -> Result<AllocatorConfig, Failure> {
-    AllocatorConfig::from_env().map_err(|e| Failure::Input(e.to_string()))
+    let mut c = AllocatorConfig::from_env().map_err(|e| Failure::Input(e.to_string()))?;
+    c.policy = Some(c.policy_or(PolicyKind::Gpumem));
+    c.check_for(c.policy.unwrap()).map_err(|e| Failure::Input(e.to_string()))?;
+    Ok(c)
 }
 
 fn on_cuda(dev: CudaDevice) -> Result<(), Failure> {

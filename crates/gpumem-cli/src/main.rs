@@ -28,6 +28,12 @@ impl From<gpumem_trace::TraceError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix tool, end quietly when the reader of our output goes away (`| head`),
+    // instead of failing to print.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = args::Cli::parse();
     let result = match cli.command {
         args::Command::Demo(a) => demo::run(&a),

@@ -68,7 +68,7 @@ fn replay_without_a_policy_compares_every_policy() {
             serde_json::from_str::<serde_json::Value>(l).unwrap()["policy"].as_str().unwrap().to_string()
         })
         .collect();
-    assert_eq!(policies, ["torch", "torch-expandable"]);
+    assert_eq!(policies, ["torch", "torch-expandable", "gpumem"]);
     let table = gpumem(&["replay", &data("vit_train_amp.jsonl.gz")]);
     let text = stdout(&table);
     assert!(text.contains("peak reserved") && text.contains("torch-expandable"), "{text}");
@@ -126,7 +126,7 @@ fn strict_replay_of_an_inconsistent_trace_exits_1() {
 
 #[test]
 fn summary_prints_pytorchs_table() {
-    let o = gpumem(&["summary", &data("snapshot_sample.pickle"), "--at-end"]);
+    let o = gpumem(&["summary", &data("snapshot_sample.pickle"), "--at-end", "--policy", "torch"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let want = std::fs::read_to_string(data("summary_sample.txt")).unwrap();
     let out = stdout(&o);
@@ -144,4 +144,21 @@ fn demo_without_a_gpu_runs_on_the_simulated_device_and_says_so() {
     assert!(out.to_lowercase().contains("simulated"), "{out}");
     assert!(out.contains("memory_reserved()"), "{out}");
     assert!(out.contains("back where it began"), "{out}");
+    assert!(out.contains("policy gpumem"), "gpumem is the default: {out}");
+    assert!(out.contains("memory_allocated() = 400.00 MB"), "{out}");
+}
+
+#[test]
+fn without_a_gpu_info_and_cuda_exit_1_with_a_clear_line() {
+    if gpumem::CudaDevice::new(0).is_ok() {
+        return; // a GPU machine: scripts/gpu-test.sh covers these
+    }
+    let o = gpumem(&["info"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no NVIDIA driver"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim_end().lines().count(), 1);
+    let o = gpumem(&["demo", "--device", "cuda"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = gpumem(&["replay", &data("vit_train_amp.jsonl.gz"), "--device", "cuda"]);
+    assert_eq!(o.status.code(), Some(1));
 }

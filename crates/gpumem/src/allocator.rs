@@ -3,9 +3,9 @@
 use crate::config::{AllocatorConfig, Policy, PolicyKind};
 use crate::device::{Device, StreamId};
 use crate::engine::Engine;
-use crate::packed::Packed;
 use crate::error::AllocError;
 use crate::history::TraceEntry;
+use crate::packed::Packed;
 use crate::snapshot::SegmentInfo;
 use crate::stats::{DeviceStats, MemoryStats};
 use parking_lot::{Mutex, MutexGuard};

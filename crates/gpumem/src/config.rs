@@ -442,7 +442,11 @@ impl Policy {
             return err(format!("the policy is named twice: '{name}' and policy:{}", Policy::kind_name(p)));
         }
         config.check_for(kind)?;
-        let kind = if kind == PolicyKind::Torch && config.expandable_segments { PolicyKind::TorchExpandable } else { kind };
+        let kind = if kind == PolicyKind::Torch && config.expandable_segments {
+            PolicyKind::TorchExpandable
+        } else {
+            kind
+        };
         config.policy = Some(kind);
         Ok(Policy { kind, config })
     }

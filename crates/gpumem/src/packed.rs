@@ -340,4 +340,3 @@ impl<D: Device> Packed<D> {
         Ok(())
     }
 }
-

@@ -42,7 +42,9 @@ impl<D: Device> Packed<D> {
                 for c in victims {
                     self.unmap_chunk(c)?;
                 }
-                hit = self.best_fit(stream, size).filter(|&a| self.oversized_idle_chunks(a, size, factor).is_empty());
+                hit = self
+                    .best_fit(stream, size)
+                    .filter(|&a| self.oversized_idle_chunks(a, size, factor).is_empty());
             }
         }
         let addr = match hit {
@@ -324,10 +326,13 @@ impl<D: Device> Packed<D> {
                     open = false;
                     continue;
                 }
-                Piece::Free { .. } => BlockInfo { address: addr, size, requested_size: 0, state: BlockState::Inactive },
+                Piece::Free { .. } => {
+                    BlockInfo { address: addr, size, requested_size: 0, state: BlockState::Inactive }
+                }
                 Piece::Used => {
                     let u = &self.live[&addr];
-                    let state = if u.allocated { BlockState::ActiveAllocated } else { BlockState::ActivePendingFree };
+                    let state =
+                        if u.allocated { BlockState::ActiveAllocated } else { BlockState::ActivePendingFree };
                     BlockInfo { address: addr, size, requested_size: u.requested, state }
                 }
             };
@@ -394,5 +399,22 @@ impl<D: Device> Packed<D> {
             non_releasable,
             hint,
         }))
+    }
+}
+
+impl<D: Device> Drop for Packed<D> {
+    /// Unmaps everything and gives the address range back (blocks still allocated go with it).
+    fn drop(&mut self) {
+        let _ = self.synchronize_and_free_events();
+        for ch in self.chunks.drain(..).flatten() {
+            for s in &ch.streams {
+                let _ = self.device.synchronize_stream(*s);
+            }
+            let _ = self.device.unmap(ch.start, ch.size);
+        }
+        let _ = self.device.unreserve(self.base, self.va_size);
+        for e in self.event_pool.drain(..) {
+            let _ = self.device.destroy_event(e);
+        }
     }
 }

@@ -216,3 +216,32 @@ impl<D: Device> Engine<D> {
         Ok(())
     }
 }
+
+impl<D: Device> Drop for Engine<D> {
+    /// Gives every segment and mapping back to the device: an allocator that goes away
+    /// must not leak GPU memory (blocks still allocated go with it).
+    fn drop(&mut self) {
+        let _ = self.synchronize_and_free_events();
+        let heads: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.prev.is_none() && b.expandable.is_none())
+            .map(|(_, b)| b.ptr)
+            .collect();
+        for ptr in heads {
+            let _ = self.device.free(ptr);
+        }
+        for seg in self.segments.drain(..).flatten() {
+            let _ = self.device.synchronize_stream(seg.stream);
+            for (i, &m) in seg.mapped.iter().enumerate() {
+                if m {
+                    let _ = self.device.unmap(seg.base + i as u64 * seg.page, seg.page);
+                }
+            }
+            let _ = self.device.unreserve(seg.base, seg.page * seg.max_pages);
+        }
+        for e in self.event_pool.drain(..) {
+            let _ = self.device.destroy_event(e);
+        }
+    }
+}

@@ -39,7 +39,13 @@ impl Lcg {
 
 fn gpu_engine_invariants_hold_on_the_real_device() {
     let Some(dev) = gpu("gpu_engine_invariants_hold_on_the_real_device") else { return };
-    for conf in ["", "expandable_segments:True", "max_split_size_mb:64", "policy:gpumem", "policy:gpumem,compact_factor:2"] {
+    for conf in [
+        "",
+        "expandable_segments:True",
+        "max_split_size_mb:64",
+        "policy:gpumem",
+        "policy:gpumem,compact_factor:2",
+    ] {
         let ctx = dev.context().clone();
         let side = ctx.new_stream().unwrap();
         let streams = [StreamId(0), StreamId(side.cu_stream() as u64)];
@@ -290,7 +296,10 @@ fn main() {
         ),
         ("gpu_expandable_pages_map_and_unmap_safely", gpu_expandable_pages_map_and_unmap_safely),
         ("gpu_out_of_memory_is_typed_and_recoverable", gpu_out_of_memory_is_typed_and_recoverable),
-        ("gpu_gpumem_recycles_a_page_only_after_its_stream_is_done", gpu_gpumem_recycles_a_page_only_after_its_stream_is_done),
+        (
+            "gpu_gpumem_recycles_a_page_only_after_its_stream_is_done",
+            gpu_gpumem_recycles_a_page_only_after_its_stream_is_done,
+        ),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

@@ -404,3 +404,20 @@ fn the_pytorch_tutorial_on_the_simulated_device() {
     assert_eq!(a.memory_reserved(), 0);
     assert_eq!(sim.mem_get_info().unwrap().0, free0);
 }
+
+#[test]
+fn dropping_an_allocator_gives_everything_back() {
+    for conf in ["", "expandable_segments:True", "policy:gpumem"] {
+        let (sim, a) = setup(conf);
+        let p = a.malloc(30 * MIB, S0).unwrap();
+        a.record_stream(p, StreamId(5)).unwrap();
+        a.free(p).unwrap();
+        a.malloc(3 * MIB, S0).unwrap();
+        a.malloc(700, S0).unwrap();
+        assert!(sim.used() > 0);
+        drop(a);
+        assert_eq!(sim.used(), 0, "{conf}");
+        assert!(sim.live_segments().is_empty() && sim.live_mappings().is_empty(), "{conf}");
+        assert!(sim.live_reservations().is_empty(), "{conf}");
+    }
+}

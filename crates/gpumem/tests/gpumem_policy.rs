@@ -1,0 +1,191 @@
+//! The gpumem policy's rules: byte-granular packing, pages mapped only under blocks, idle
+//! chunks recycled instead of reserving more, and everything PyTorch users rely on still
+//! meaningful (stats, summary, empty_cache, out of memory).
+
+use gpumem::{recount, AllocError, Allocator, AllocatorConfig, Device, PolicyKind, SimDevice, StreamId};
+
+const MIB: u64 = 1 << 20;
+const S0: StreamId = StreamId(0);
+
+fn setup_cap(conf: &str, cap: u64) -> (SimDevice, Allocator<SimDevice>) {
+    let sim = SimDevice::new(cap);
+    let config =
+        AllocatorConfig::parse(&format!("policy:gpumem{}{conf}", if conf.is_empty() { "" } else { "," }))
+            .unwrap();
+    let a = Allocator::new(sim.clone(), config).unwrap();
+    assert_eq!(a.policy(), PolicyKind::Gpumem);
+    (sim, a)
+}
+
+fn setup() -> (SimDevice, Allocator<SimDevice>) {
+    setup_cap("", 80 << 30)
+}
+
+fn consistent(a: &Allocator<SimDevice>, sim: &SimDevice) {
+    let want = recount(&a.snapshot());
+    let got = a.stats();
+    assert_eq!(want.allocated_bytes.0.map(|s| s.current), got.allocated_bytes.0.map(|s| s.current));
+    assert_eq!(want.active_bytes.0.map(|s| s.current), got.active_bytes.0.map(|s| s.current));
+    assert_eq!(want.reserved_bytes.0.map(|s| s.current), got.reserved_bytes.0.map(|s| s.current));
+    assert_eq!(want.requested_bytes.0.map(|s| s.current), got.requested_bytes.0.map(|s| s.current));
+    assert_eq!(want.allocation.0.map(|s| s.current), got.allocation.0.map(|s| s.current));
+    assert_eq!(a.memory_reserved(), sim.used(), "reserved is the physical memory mapped");
+}
+
+#[test]
+fn blocks_are_packed_to_512_bytes_and_share_pages() {
+    let (sim, a) = setup();
+    let p = a.malloc(1000, S0).unwrap();
+    let q = a.malloc(5 * MIB, S0).unwrap();
+    assert_eq!(q, p + 1024, "the next block starts right after the first");
+    assert_eq!(a.memory_allocated(), 1024 + 5 * MIB);
+    // 5 MiB + 1 KiB spans three 2 MiB pages
+    assert_eq!(a.memory_reserved(), 6 * MIB);
+    let r = a.malloc(MIB + 1, S0).unwrap();
+    assert_eq!(r, q + 5 * MIB);
+    assert_eq!(a.memory_allocated(), 1024 + 5 * MIB + MIB + 512, "no 20 MiB segment, no 2 MiB rounding");
+    consistent(&a, &sim);
+}
+
+#[test]
+fn the_tutorial_tensor_is_allocated_exactly() {
+    let (sim, a) = setup();
+    let (free0, _) = sim.mem_get_info().unwrap();
+    let x = a.malloc(400_000_000, S0).unwrap();
+    assert_eq!(a.memory_allocated(), 400_000_000);
+    assert_eq!(a.memory_reserved(), 191 * 2 * MIB, "the pages under it");
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 191 * 2 * MIB, "a live tensor's pages stay");
+    a.free(x).unwrap();
+    assert_eq!(a.memory_allocated(), 0);
+    assert_eq!(a.memory_reserved(), 191 * 2 * MIB, "cached for the next tensor");
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 0);
+    assert_eq!(sim.mem_get_info().unwrap().0, free0);
+}
+
+#[test]
+fn a_freed_block_is_reused_without_device_calls() {
+    let (sim, a) = setup();
+    let p = a.malloc(64 * MIB, S0).unwrap();
+    a.free(p).unwrap();
+    let before = sim.counters();
+    for _ in 0..100 {
+        let q = a.malloc(64 * MIB, S0).unwrap();
+        assert_eq!(q, p);
+        a.free(q).unwrap();
+    }
+    assert_eq!(sim.counters().maps, before.maps);
+    assert_eq!(sim.counters().unmaps, before.unmaps);
+}
+
+#[test]
+fn idle_memory_is_recycled_instead_of_reserving_more() {
+    let (sim, a) = setup();
+    let p = a.malloc(100 * MIB, S0).unwrap();
+    a.free(p).unwrap();
+    // 150 MiB does not fit the cached 100 MiB: PyTorch would reserve 250 MiB; here the new
+    // block takes the idle pages and only 50 MiB more
+    let q = a.malloc(150 * MIB, S0).unwrap();
+    assert_eq!(q, p, "it grows in place over the idle pages");
+    assert_eq!(a.memory_reserved(), 150 * MIB);
+    assert_eq!(a.max_memory_reserved(), 150 * MIB);
+    // elsewhere, idle pages are unmapped and mapped again where they are needed
+    let small = a.malloc(MIB, S0).unwrap();
+    a.free(q).unwrap();
+    let unmaps = sim.counters().unmaps;
+    let r = a.malloc(152 * MIB, S0).unwrap();
+    assert!(sim.counters().unmaps > unmaps, "the idle chunk was recycled");
+    assert!(a.max_memory_reserved() <= 156 * MIB, "peak {}", a.max_memory_reserved());
+    a.free(r).unwrap();
+    a.free(small).unwrap();
+    consistent(&a, &sim);
+}
+
+#[test]
+fn empty_cache_gives_back_idle_chunks_and_keeps_live_ones() {
+    let (sim, a) = setup();
+    let big = a.malloc(64 * MIB, S0).unwrap();
+    let small = a.malloc(3 * MIB, S0).unwrap();
+    a.free(big).unwrap();
+    a.empty_cache().unwrap();
+    // the big block's own pages go; the pages under the small one stay
+    assert!(a.memory_reserved() <= 6 * MIB, "reserved {}", a.memory_reserved());
+    assert!(a.memory_reserved() >= 3 * MIB);
+    consistent(&a, &sim);
+    a.free(small).unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 0);
+    assert!(sim.live_mappings().is_empty());
+}
+
+#[test]
+fn streams_do_not_share_freed_memory() {
+    let (sim, a) = setup();
+    let p = a.malloc(8 * MIB, StreamId(1)).unwrap();
+    a.free(p).unwrap();
+    let (syncs, unmaps) = (sim.counters().synchronizes, sim.counters().unmaps);
+    let q = a.malloc(8 * MIB, StreamId(2)).unwrap();
+    if q == p {
+        // the same address may come back only as fresh memory: unmapped after waiting for
+        // stream 1, then mapped again
+        assert!(sim.counters().synchronizes > syncs && sim.counters().unmaps > unmaps);
+    }
+    let r = a.malloc(8 * MIB, StreamId(1)).unwrap();
+    assert_ne!(r, q);
+    consistent(&a, &sim);
+}
+
+#[test]
+fn a_block_pending_on_another_stream_is_not_recycled() {
+    let (sim, a) = setup_cap("", 100 * MIB);
+    let p = a.malloc(60 * MIB, S0).unwrap();
+    a.record_stream(p, StreamId(9)).unwrap();
+    a.free(p).unwrap();
+    // its pages are still in use on stream 9: they can be neither reused nor recycled until
+    // the device is full; then the allocator waits for stream 9 and recycles them
+    assert_eq!(sim.pending_events(), 1);
+    let q = a.malloc(60 * MIB, S0).unwrap();
+    assert_eq!(sim.pending_events(), 0);
+    assert_eq!(a.stats().num_sync_all_streams, 1);
+    assert_eq!(a.stats().num_alloc_retries, 1);
+    a.free(q).unwrap();
+    consistent(&a, &sim);
+}
+
+#[test]
+fn out_of_memory_is_typed_and_the_allocator_recovers() {
+    let (sim, a) = setup_cap("", 100 * MIB);
+    let p = a.malloc(60 * MIB, S0).unwrap();
+    let e = a.malloc(60 * MIB, S0).unwrap_err();
+    let AllocError::OutOfMemory(oom) = &e else { panic!("{e}") };
+    assert_eq!(oom.requested, 60 * MIB);
+    assert_eq!(oom.allocated, 60 * MIB);
+    assert_eq!(a.stats().num_ooms, 1);
+    a.free(p).unwrap();
+    let q = a.malloc(90 * MIB, S0).unwrap(); // the idle 60 MiB is recycled under it
+    a.free(q).unwrap();
+    consistent(&a, &sim);
+}
+
+#[test]
+fn torch_only_options_are_refused() {
+    let sim = SimDevice::new(1 << 30);
+    let c = AllocatorConfig::parse("policy:gpumem,max_split_size_mb:128").unwrap();
+    let e = Allocator::new(sim, c).err().expect("refused");
+    assert!(e.to_string().contains("max_split_size_mb"), "{e}");
+}
+
+#[test]
+fn summary_and_snapshot_stay_meaningful() {
+    let (sim, a) = setup();
+    let p = a.malloc(10 * MIB, S0).unwrap();
+    let _q = a.malloc(3000, S0).unwrap();
+    a.free(p).unwrap();
+    let s = a.memory_summary(false);
+    assert!(s.contains("Allocated memory") && s.contains("GPU reserved memory"));
+    let snap = a.snapshot();
+    assert!(snap.iter().all(|seg| seg.is_expandable));
+    assert_eq!(snap.iter().map(|seg| seg.total_size).sum::<u64>(), a.memory_reserved());
+    consistent(&a, &sim);
+}
