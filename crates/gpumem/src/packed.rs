@@ -94,8 +94,10 @@ pub(crate) struct Packed<D: Device> {
     pub page_chunk: Vec<u32>,
     pub chunks: Vec<Option<Chunk>>,
     pub vacant_chunks: Vec<u32>,
-    /// Idle chunks by (idle_since, index).
-    pub idle: BTreeSet<(u64, u32)>,
+    /// Chunks that became idle, oldest first, as (idle_since, index). Entries go stale when
+    /// their chunk is used again or unmapped (see `is_idle_entry`); they are skipped then,
+    /// which keeps a free and an allocation free of tree updates.
+    pub idle: VecDeque<(u64, u32)>,
     pub idle_bytes: u64,
     pub tick: u64,
     pub mapped_bytes: u64,
@@ -131,7 +133,7 @@ impl<D: Device> Packed<D> {
             page_chunk: Vec::new(),
             chunks: Vec::new(),
             vacant_chunks: Vec::new(),
-            idle: BTreeSet::new(),
+            idle: VecDeque::new(),
             idle_bytes: 0,
             tick: 0,
             mapped_bytes: 0,
@@ -227,7 +229,6 @@ impl<D: Device> Packed<D> {
                 ch.streams.push(stream);
             }
             if ch.users == 1 {
-                self.idle.remove(&(ch.idle_since, c));
                 self.idle_bytes -= ch.size;
             }
             p = ch.start + ch.size;
@@ -243,7 +244,7 @@ impl<D: Device> Packed<D> {
             if ch.users == 0 {
                 self.tick += 1;
                 ch.idle_since = self.tick;
-                self.idle.insert((ch.idle_since, c));
+                self.idle.push_back((self.tick, c));
                 self.idle_bytes += ch.size;
             }
             p = ch.start + ch.size;
@@ -277,8 +278,9 @@ impl<D: Device> Packed<D> {
         self.tick += 1;
         let ch = self.chunks[c as usize].as_mut().unwrap();
         ch.idle_since = self.tick;
-        self.idle.insert((self.tick, c));
+        self.idle.push_back((self.tick, c));
         self.idle_bytes += size;
+        self.compact_idle_queue();
         self.mapped_bytes += size;
         self.high_water = self.high_water.max(self.mapped_bytes);
         self.stats.reserved_bytes.increase(PoolKind::Large, size);
@@ -296,7 +298,6 @@ impl<D: Device> Packed<D> {
             self.device.synchronize_stream(*s)?;
         }
         self.device.unmap(ch.start, ch.size)?;
-        self.idle.remove(&(ch.idle_since, c));
         self.idle_bytes -= ch.size;
         self.mapped_bytes -= ch.size;
         self.vacant_chunks.push(c);
@@ -324,18 +325,41 @@ impl<D: Device> Packed<D> {
         Ok(())
     }
 
+    /// Whether a queue entry still names an idle chunk.
+    pub(crate) fn is_idle_entry(&self, (tick, c): (u64, u32)) -> bool {
+        matches!(&self.chunks[c as usize], Some(ch) if ch.users == 0 && ch.idle_since == tick)
+    }
+
+    /// The idle chunks, least recently used first.
+    pub(crate) fn idle_chunks(&self) -> Vec<u32> {
+        self.idle.iter().filter(|&&e| self.is_idle_entry(e)).map(|&(_, c)| c).collect()
+    }
+
+    /// Drops stale entries once they outnumber the chunks.
+    fn compact_idle_queue(&mut self) {
+        if self.idle.len() > 2 * self.chunks.len() + 1024 {
+            let queue = std::mem::take(&mut self.idle);
+            self.idle = queue.into_iter().filter(|&e| self.is_idle_entry(e)).collect();
+        }
+    }
+
     /// Unmaps idle chunks, least recently used first, until `needed` more bytes fit under
     /// `limit`; chunks overlapping `keep` stay.
     pub(crate) fn recycle(&mut self, needed: u64, limit: u64, keep: (u64, u64)) -> Result<(), AllocError> {
-        while self.mapped_bytes + needed > limit {
-            let Some(&(t, c)) = self.idle.iter().find(|&&(_, c)| {
-                let ch = self.chunks[c as usize].as_ref().unwrap();
-                ch.start + ch.size <= keep.0 || ch.start >= keep.1
-            }) else {
-                break;
-            };
-            let _ = t;
-            self.unmap_chunk(c)?;
+        let mut i = 0;
+        while self.mapped_bytes + needed > limit && i < self.idle.len() {
+            let e = self.idle[i];
+            if !self.is_idle_entry(e) {
+                self.idle.remove(i);
+                continue;
+            }
+            let ch = self.chunks[e.1 as usize].as_ref().unwrap();
+            if ch.start + ch.size > keep.0 && ch.start < keep.1 {
+                i += 1;
+                continue;
+            }
+            self.idle.remove(i);
+            self.unmap_chunk(e.1)?;
         }
         Ok(())
     }

@@ -307,8 +307,7 @@ impl<D: Device> Packed<D> {
     /// `empty_cache()`: waits for pending frees, then unmaps every idle chunk.
     pub(crate) fn empty_cache(&mut self) -> Result<(), AllocError> {
         self.synchronize_and_free_events()?;
-        let idle: Vec<u32> = self.idle.iter().map(|&(_, c)| c).collect();
-        for c in idle {
+        for c in self.idle_chunks() {
             self.unmap_chunk(c)?;
         }
         // What is left mapped is the new baseline for recycling.
