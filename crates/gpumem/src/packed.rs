@@ -251,11 +251,12 @@ impl<D: Device> Packed<D> {
         }
     }
 
-    /// Maps a new chunk at `start..start + size` (page-aligned, unmapped).
-    pub(crate) fn map_chunk(&mut self, start: u64, size: u64, stream: StreamId) -> Result<bool, AllocError> {
+    /// Maps a new chunk at `start..start + size` (page-aligned, unmapped) and returns its
+    /// index; `None` if the device is out of memory.
+    pub(crate) fn map_chunk(&mut self, start: u64, size: u64, stream: StreamId) -> Result<Option<u32>, AllocError> {
         match self.device.map(start, size) {
             Ok(()) => {}
-            Err(DeviceError::OutOfMemory) => return Ok(false),
+            Err(DeviceError::OutOfMemory) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
         let chunk = Chunk { start, size, users: 0, streams: Vec::new(), idle_since: 0 };
@@ -286,7 +287,21 @@ impl<D: Device> Packed<D> {
         self.stats.reserved_bytes.increase(PoolKind::Large, size);
         self.stats.num_device_alloc += 1;
         self.history.record(Action::SegmentMap, start, size, stream);
-        Ok(true)
+        Ok(Some(c))
+    }
+
+    /// Undoes `map_chunk` for a chunk no piece refers to yet (a mapping that failed halfway).
+    pub(crate) fn unmap_fresh_chunk(&mut self, c: u32) -> Result<(), AllocError> {
+        let ch = self.chunks[c as usize].take().expect("a live chunk");
+        self.device.unmap(ch.start, ch.size)?;
+        self.idle_bytes -= ch.size;
+        self.mapped_bytes -= ch.size;
+        self.vacant_chunks.push(c);
+        let (first, n) = (((ch.start - self.base) / self.page) as usize, (ch.size / self.page) as usize);
+        self.page_chunk[first..first + n].fill(0);
+        self.stats.reserved_bytes.decrease(PoolKind::Large, ch.size);
+        self.stats.num_device_free += 1;
+        Ok(())
     }
 
     /// Unmaps idle chunk `c`; its address range becomes unmapped free space.

@@ -159,9 +159,17 @@ impl<D: Device> Packed<D> {
             }
         }
         pieces.extend((hi.max(lo)..to).step_by(page as usize).map(|at| (at, page)));
+        let mut mapped = Vec::with_capacity(pieces.len());
         for (at, n) in pieces {
-            if !self.map_chunk(at, n, stream)? {
-                return Ok(false);
+            match self.map_chunk(at, n, stream) {
+                Ok(Some(c)) => mapped.push(c),
+                failed => {
+                    // all or nothing: give back what this call mapped
+                    for c in mapped {
+                        self.unmap_fresh_chunk(c)?;
+                    }
+                    return failed.map(|_| false);
+                }
             }
         }
         if from == self.frontier {

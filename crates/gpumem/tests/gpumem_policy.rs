@@ -189,3 +189,18 @@ fn summary_and_snapshot_stay_meaningful() {
     assert_eq!(snap.iter().map(|seg| seg.total_size).sum::<u64>(), a.memory_reserved());
     consistent(&a, &sim);
 }
+
+#[test]
+fn a_request_larger_than_the_device_maps_nothing() {
+    // the block needs several chunks; the device runs out halfway through mapping them
+    let (sim, a) = setup_cap("", 600 * MIB);
+    let e = a.malloc(1 << 30, S0).unwrap_err();
+    assert!(e.is_out_of_memory());
+    assert_eq!(a.memory_reserved(), 0);
+    assert_eq!(sim.used(), 0);
+    let p = a.malloc(500 * MIB, S0).unwrap();
+    consistent(&a, &sim);
+    a.free(p).unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(sim.used(), 0);
+}

@@ -20,6 +20,7 @@ fn size() -> impl Strategy<Value = u64> {
         4 => 1..=MIB,                 // small pool
         3 => MIB + 1..10 * MIB,       // 20 MiB segments
         2 => 10 * MIB..120 * MIB,     // own segments
+        1 => 200 * MIB..700 * MIB,    // several chunks; often more than the device has left
         1 => prop::sample::select(vec![512, MIB, 2 * MIB, 20 * MIB, 64 * MIB]),
     ]
 }
