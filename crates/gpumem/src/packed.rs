@@ -253,7 +253,12 @@ impl<D: Device> Packed<D> {
 
     /// Maps a new chunk at `start..start + size` (page-aligned, unmapped) and returns its
     /// index; `None` if the device is out of memory.
-    pub(crate) fn map_chunk(&mut self, start: u64, size: u64, stream: StreamId) -> Result<Option<u32>, AllocError> {
+    pub(crate) fn map_chunk(
+        &mut self,
+        start: u64,
+        size: u64,
+        stream: StreamId,
+    ) -> Result<Option<u32>, AllocError> {
         match self.device.map(start, size) {
             Ok(()) => {}
             Err(DeviceError::OutOfMemory) => return Ok(None),

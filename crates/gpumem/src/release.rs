@@ -109,6 +109,13 @@ impl<D: Device> Engine<D> {
                 self.release_expandable_segment(id)?;
             }
         }
+        // A segment whose first mapping failed (out of memory) holds address space only;
+        // PyTorch keeps it, but nothing would ever free it, so it goes too.
+        let empty: Vec<BlockId> =
+            self.pool(kind).unmapped.iter().map(|k| k.2).filter(|&id| !self.blocks[id].is_split()).collect();
+        for id in empty {
+            self.release_expandable_segment(id)?;
+        }
         Ok(())
     }
 
