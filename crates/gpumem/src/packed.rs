@@ -82,8 +82,13 @@ pub(crate) struct Packed<D: Device> {
     pub page: u64,
     /// Address space above this was never used.
     pub frontier: u64,
-    /// Every piece below the frontier, by address: (size, kind). They tile the range.
-    pub pieces: BTreeMap<u64, (u64, Piece)>,
+    /// Free and unmapped pieces by address: (size, kind). With the live blocks they tile the
+    /// range below the frontier. Hash maps by start and by end find a freed block's
+    /// neighbours without a tree search (boundary tags).
+    pub spans: PtrMap<(u64, Piece)>,
+    pub span_end: PtrMap<u64>,
+    /// The starts of free and unmapped pieces, in order (for the rare walks by address).
+    pub starts: BTreeSet<u64>,
     /// Free mapped pieces by (stream, size, address), for best fit.
     pub free: BTreeSet<(u64, u64, u64)>,
     /// Unmapped pieces by address (page-aligned).
@@ -126,7 +131,9 @@ impl<D: Device> Packed<D> {
             va_size,
             page,
             frontier: base,
-            pieces: BTreeMap::new(),
+            spans: PtrMap::default(),
+            span_end: PtrMap::default(),
+            starts: BTreeSet::new(),
             free: BTreeSet::new(),
             unmapped: BTreeSet::new(),
             live: PtrMap::default(),
@@ -158,7 +165,9 @@ impl<D: Device> Packed<D> {
     // ---- pieces ----
 
     pub(crate) fn set_piece(&mut self, addr: u64, size: u64, kind: Piece) {
-        self.pieces.insert(addr, (size, kind));
+        self.spans.insert(addr, (size, kind));
+        self.span_end.insert(addr + size, addr);
+        self.starts.insert(addr);
         match kind {
             Piece::Free { stream } => {
                 self.free.insert((stream, size, addr));
@@ -166,12 +175,14 @@ impl<D: Device> Packed<D> {
             Piece::Unmapped => {
                 self.unmapped.insert(addr);
             }
-            Piece::Used => {}
+            Piece::Used => unreachable!("live blocks are kept in `live`"),
         }
     }
 
     pub(crate) fn take_piece(&mut self, addr: u64) -> (u64, Piece) {
-        let (size, kind) = self.pieces.remove(&addr).expect("a piece at this address");
+        let (size, kind) = self.spans.remove(&addr).expect("a free piece at this address");
+        self.span_end.remove(&(addr + size));
+        self.starts.remove(&addr);
         match kind {
             Piece::Free { stream } => {
                 self.free.remove(&(stream, size, addr));
@@ -179,36 +190,62 @@ impl<D: Device> Packed<D> {
             Piece::Unmapped => {
                 self.unmapped.remove(&addr);
             }
-            Piece::Used => {}
+            Piece::Used => unreachable!(),
         }
         (size, kind)
     }
 
-    pub(crate) fn piece_before(&self, addr: u64) -> Option<(u64, u64, Piece)> {
-        self.pieces.range(..addr).next_back().map(|(&a, &(s, k))| (a, s, k))
+    /// Changes the size of the piece at `addr`, keeping its start.
+    pub(crate) fn resize_piece(&mut self, addr: u64, size: u64) {
+        let (old, kind) = self.spans[&addr];
+        self.spans.insert(addr, (size, kind));
+        self.span_end.remove(&(addr + old));
+        self.span_end.insert(addr + size, addr);
+        if let Piece::Free { stream } = kind {
+            self.free.remove(&(stream, old, addr));
+            self.free.insert((stream, size, addr));
+        }
+    }
+
+    /// The free or unmapped piece that ends at `addr`, as (start, size, kind).
+    pub(crate) fn piece_ending_at(&self, addr: u64) -> Option<(u64, u64, Piece)> {
+        let &start = self.span_end.get(&addr)?;
+        let &(size, kind) = self.spans.get(&start)?;
+        Some((start, size, kind))
+    }
+
+    /// The free or unmapped piece that holds `addr`, as (start, size, kind).
+    pub(crate) fn piece_containing(&self, addr: u64) -> Option<(u64, u64, Piece)> {
+        let &start = self.starts.range(..=addr).next_back()?;
+        let (size, kind) = self.spans[&start];
+        (addr < start + size).then_some((start, size, kind))
     }
 
     /// Adds free (or unmapped) space, merging it with like neighbours.
-    pub(crate) fn insert_free(&mut self, mut addr: u64, mut size: u64, kind: Piece) {
-        if let Some((pa, ps, pk)) = self.piece_before(addr) {
-            if pk == kind && pa + ps == addr {
-                self.take_piece(pa);
-                addr = pa;
-                size += ps;
-            }
-        }
-        if let Some(&(ns, nk)) = self.pieces.get(&(addr + size)) {
+    pub(crate) fn insert_free(&mut self, addr: u64, mut size: u64, kind: Piece) {
+        if let Some(&(ns, nk)) = self.spans.get(&(addr + size)) {
             if nk == kind {
                 self.take_piece(addr + size);
                 size += ns;
             }
         }
-        if kind == Piece::Unmapped && addr + size == self.frontier {
+        let (start, total, merged) = match self.piece_ending_at(addr) {
+            Some((pa, ps, pk)) if pk == kind => (pa, ps + size, true),
+            _ => (addr, size, false),
+        };
+        if kind == Piece::Unmapped && start + total == self.frontier {
             // unmapped space at the top goes back to the never-used range
-            self.frontier = addr;
+            if merged {
+                self.take_piece(start);
+            }
+            self.frontier = start;
             return;
         }
-        self.set_piece(addr, size, kind);
+        if merged {
+            self.resize_piece(start, total);
+        } else {
+            self.set_piece(start, total, kind);
+        }
     }
 
     // ---- chunks ----
@@ -328,7 +365,7 @@ impl<D: Device> Packed<D> {
         self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
         // The free pieces over the chunk (of any streams) lose their mapping.
         let (start, end) = (ch.start, ch.start + ch.size);
-        let mut at = self.piece_before(start + 1).map(|p| p.0).unwrap_or(start);
+        let mut at = self.piece_containing(start).map_or(start, |p| p.0);
         while at < end {
             let (size, kind) = self.take_piece(at);
             debug_assert!(matches!(kind, Piece::Free { .. }), "an idle chunk holds only free space");

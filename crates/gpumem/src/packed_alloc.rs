@@ -51,6 +51,9 @@ impl<D: Device> Packed<D> {
             Some(addr) => addr,
             None => self.grow(size, stream, orig)?,
         };
+        // At the start of the hole, not its end: the block then lies over the chunks it
+        // shares with the block freed there before, which keeps chunks whole (measured: taking
+        // the end instead costs up to 5 points of reserved memory on the shared traces).
         self.carve(addr, size, stream, orig);
         Ok(addr)
     }
@@ -64,10 +67,14 @@ impl<D: Device> Packed<D> {
     fn carve(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
         let (psize, kind) = self.take_piece(addr);
         debug_assert!(matches!(kind, Piece::Free { .. }) && psize >= size);
-        self.pieces.insert(addr, (size, Piece::Used));
         if psize > size {
             self.set_piece(addr + size, psize - size, kind);
         }
+        self.install(addr, size, stream, orig);
+    }
+
+    /// Records a new live block at `addr`.
+    fn install(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
         self.add_users(addr, size, stream);
         self.live.insert(
             addr,
@@ -176,7 +183,7 @@ impl<D: Device> Packed<D> {
             self.frontier = to;
         } else {
             // carve the mapped part out of the unmapped piece that holds it
-            let (ua, us, _) = self.piece_before(from + 1).expect("an unmapped piece");
+            let (ua, us, _) = self.piece_containing(from).expect("an unmapped piece");
             self.take_piece(ua);
             if ua < from {
                 self.set_piece(ua, from - ua, Piece::Unmapped);
@@ -194,15 +201,15 @@ impl<D: Device> Packed<D> {
     fn placement(&self, size: u64, stream: StreamId) -> Placement {
         let page = self.page;
         let mine = Piece::Free { stream: stream.0 };
-        let free_before = |addr: u64| match self.piece_before(addr) {
-            Some((a, s, k)) if k == mine && a + s == addr => Some((a, s)),
+        let free_before = |addr: u64| match self.piece_ending_at(addr) {
+            Some((a, s, k)) if k == mine => Some((a, s)),
             _ => None,
         };
         let mut best: Option<(u64, Placement)> = None;
         for &ua in &self.unmapped {
-            let (us, _) = self.pieces[&ua];
+            let (us, _) = self.spans[&ua];
             let before = free_before(ua);
-            let after = match self.pieces.get(&(ua + us)) {
+            let after = match self.spans.get(&(ua + us)) {
                 Some(&(s, k)) if k == mine => s,
                 _ => 0,
             };
@@ -258,7 +265,6 @@ impl<D: Device> Packed<D> {
         self.stats.active.decrease(k, 1);
         self.stats.active_bytes.decrease(k, u.size);
         self.stats.requested_bytes.decrease(k, u.requested);
-        self.pieces.remove(&ptr);
         self.remove_users(ptr, u.size);
         self.insert_free(ptr, u.size, Piece::Free { stream: u.stream.0 });
     }
@@ -325,9 +331,12 @@ impl<D: Device> Packed<D> {
 
     /// One segment per contiguous mapped range, as PyTorch reports expandable segments.
     pub(crate) fn snapshot(&self) -> Vec<SegmentInfo> {
+        let mut pieces: Vec<(u64, u64, Piece)> = self.spans.iter().map(|(&a, &(s, k))| (a, s, k)).collect();
+        pieces.extend(self.live.iter().map(|(&a, u)| (a, u.size, Piece::Used)));
+        pieces.sort_unstable_by_key(|p| p.0);
         let mut out: Vec<SegmentInfo> = Vec::new();
         let mut open = false;
-        for (&addr, &(size, kind)) in &self.pieces {
+        for (addr, size, kind) in pieces {
             let block = match kind {
                 Piece::Unmapped => {
                     open = false;
