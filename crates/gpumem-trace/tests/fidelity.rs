@@ -101,7 +101,8 @@ fn torch_policy_reproduces_traces_it_was_not_written_against() {
     let torch = Policy::parse("torch").unwrap();
     for name in ["mlp_varbatch_infer.jsonl.gz", "transformer_lm_fp16.jsonl.gz", "unet_seg_train.jsonl.gz"] {
         let trace = read_trace(&data(name)).unwrap();
-        let (r, alloc) = replay_into(&trace, &torch, SimDevice::default(), &verify(), &mut |_, _| {}).unwrap();
+        let (r, alloc) =
+            replay_into(&trace, &torch, SimDevice::default(), &verify(), &mut |_, _| {}).unwrap();
         assert_eq!(r.segments_matched, r.segments_expected, "{name}");
         assert_eq!(r.allocs_matched, r.allocs_expected, "{name}");
         let diffs = stats_differences(&trace, &alloc.memory_stats());

@@ -15,14 +15,15 @@
 
 use crate::block::{Arena, Block, BlockId};
 use crate::config::AllocatorConfig;
-use crate::device::{Device, DeviceError, EventId, StreamId};
+use crate::device::{Device, DeviceError, StreamId};
 use crate::error::{AllocError, OutOfMemory};
+use crate::events::PendingFrees;
 use crate::expandable::ExpandableSegment;
 use crate::history::{Action, History};
 use crate::pool::BlockPool;
 use crate::size::{self, MAX_REQUEST, MIN_BLOCK_SIZE, SMALL_SIZE};
 use crate::stats::{DeviceStats, PoolKind};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// A fast hasher for pointer keys (a multiplicative mix; pointers are already well spread).
@@ -55,10 +56,8 @@ pub(crate) struct Engine<D: Device> {
     pub pools: [BlockPool; 2],
     /// Allocated blocks by address.
     pub live: PtrMap<BlockId>,
-    /// Outstanding events per stream, oldest first.
-    pub events: BTreeMap<StreamId, VecDeque<(EventId, BlockId)>>,
-    /// Events ready for reuse: creating events is slow, so they are recycled.
-    pub event_pool: Vec<EventId>,
+    /// Frees waiting for other streams.
+    pub pending: PendingFrees<BlockId>,
     /// Bytes held from the device (PyTorch's `total_allocated_memory`).
     pub total_reserved: u64,
     /// The cap from a per-process memory fraction.
@@ -87,8 +86,7 @@ impl<D: Device> Engine<D> {
             blocks: Arena::default(),
             pools: [BlockPool::new(), BlockPool::new()],
             live: PtrMap::default(),
-            events: BTreeMap::new(),
-            event_pool: Vec::new(),
+            pending: PendingFrees::default(),
             total_reserved: 0,
             allowed_memory_maximum: None,
             segments: Vec::new(),

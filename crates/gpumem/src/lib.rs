@@ -25,6 +25,7 @@ mod cuda;
 mod device;
 mod engine;
 mod error;
+mod events;
 mod expandable;
 mod global;
 mod history;

@@ -31,12 +31,13 @@
 //! A block used on other streams (`record_stream`) waits for their events before it is free.
 
 use crate::config::AllocatorConfig;
-use crate::device::{Device, DeviceError, EventId, StreamId};
+use crate::device::{Device, DeviceError, StreamId};
 use crate::engine::PtrMap;
 use crate::error::AllocError;
+use crate::events::PendingFrees;
 use crate::history::{Action, History};
 use crate::stats::{DeviceStats, PoolKind};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 /// A live (allocated or pending) block.
 pub(crate) struct Used {
@@ -108,8 +109,8 @@ pub(crate) struct Packed<D: Device> {
     pub mapped_bytes: u64,
     /// The most ever mapped at once: recycling keeps mappings under it.
     pub high_water: u64,
-    pub events: BTreeMap<StreamId, VecDeque<(EventId, u64)>>,
-    pub event_pool: Vec<EventId>,
+    /// Frees waiting for other streams, by block address.
+    pub pending: PendingFrees<u64>,
 }
 
 impl<D: Device> Packed<D> {
@@ -145,8 +146,7 @@ impl<D: Device> Packed<D> {
             tick: 0,
             mapped_bytes: 0,
             high_water: 0,
-            events: BTreeMap::new(),
-            event_pool: Vec::new(),
+            pending: PendingFrees::default(),
         };
         if let Some(f) = p.config.per_process_memory_fraction {
             p.set_memory_fraction(f)?;
@@ -332,22 +332,8 @@ impl<D: Device> Packed<D> {
         Ok(Some(c))
     }
 
-    /// Undoes `map_chunk` for a chunk no piece refers to yet (a mapping that failed halfway).
-    pub(crate) fn unmap_fresh_chunk(&mut self, c: u32) -> Result<(), AllocError> {
-        let ch = self.chunks[c as usize].take().expect("a live chunk");
-        self.device.unmap(ch.start, ch.size)?;
-        self.idle_bytes -= ch.size;
-        self.mapped_bytes -= ch.size;
-        self.vacant_chunks.push(c);
-        let (first, n) = (((ch.start - self.base) / self.page) as usize, (ch.size / self.page) as usize);
-        self.page_chunk[first..first + n].fill(0);
-        self.stats.reserved_bytes.decrease(PoolKind::Large, ch.size);
-        self.stats.num_device_free += 1;
-        Ok(())
-    }
-
-    /// Unmaps idle chunk `c`; its address range becomes unmapped free space.
-    pub(crate) fn unmap_chunk(&mut self, c: u32) -> Result<(), AllocError> {
+    /// Unmaps chunk `c` (idle, or just mapped and not yet used) and forgets it.
+    fn release_chunk(&mut self, c: u32) -> Result<Chunk, AllocError> {
         let ch = self.chunks[c as usize].take().expect("a live chunk");
         debug_assert_eq!(ch.users, 0);
         // See Note [Unmapping does not wait] in cuda.rs.
@@ -363,6 +349,17 @@ impl<D: Device> Packed<D> {
         self.stats.reserved_bytes.decrease(PoolKind::Large, ch.size);
         self.stats.num_device_free += 1;
         self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
+        Ok(ch)
+    }
+
+    /// Undoes `map_chunk` for a chunk no piece refers to yet (a mapping that failed halfway).
+    pub(crate) fn unmap_fresh_chunk(&mut self, c: u32) -> Result<(), AllocError> {
+        self.release_chunk(c).map(|_| ())
+    }
+
+    /// Unmaps idle chunk `c`; its address range becomes unmapped free space.
+    pub(crate) fn unmap_chunk(&mut self, c: u32) -> Result<(), AllocError> {
+        let ch = self.release_chunk(c)?;
         // The free pieces over the chunk (of any streams) lose their mapping.
         let (start, end) = (ch.start, ch.start + ch.size);
         let mut at = self.piece_containing(start).map_or(start, |p| p.0);

@@ -247,13 +247,8 @@ impl<D: Device> Packed<D> {
             return Ok(());
         }
         for s in uses {
-            let event = match self.event_pool.pop() {
-                Some(e) => e,
-                None => self.device.create_event()?,
-            };
-            self.device.record_event(event, s)?;
+            self.pending.record(&self.device, s, ptr)?;
             self.live.get_mut(&ptr).unwrap().event_count += 1;
-            self.events.entry(s).or_default().push_back((event, ptr));
         }
         Ok(())
     }
@@ -278,22 +273,11 @@ impl<D: Device> Packed<D> {
     }
 
     pub(crate) fn process_events(&mut self) -> Result<(), AllocError> {
-        if self.events.is_empty() {
+        if self.pending.is_empty() {
             return Ok(());
         }
-        let streams: Vec<StreamId> = self.events.keys().copied().collect();
-        for stream in streams {
-            while let Some(&(event, ptr)) = self.events.get(&stream).and_then(|q| q.front()) {
-                if !self.device.query_event(event)? {
-                    break;
-                }
-                self.events.get_mut(&stream).unwrap().pop_front();
-                self.event_pool.push(event);
-                self.event_done(ptr);
-            }
-            if self.events.get(&stream).is_some_and(|q| q.is_empty()) {
-                self.events.remove(&stream);
-            }
+        for ptr in self.pending.completed(&self.device)? {
+            self.event_done(ptr);
         }
         Ok(())
     }
@@ -308,12 +292,8 @@ impl<D: Device> Packed<D> {
 
     pub(crate) fn synchronize_and_free_events(&mut self) -> Result<(), AllocError> {
         self.stats.num_sync_all_streams += 1;
-        for (_, queue) in std::mem::take(&mut self.events) {
-            for (event, ptr) in queue {
-                self.device.synchronize_event(event)?;
-                self.event_pool.push(event);
-                self.event_done(ptr);
-            }
+        for ptr in self.pending.wait_all(&self.device)? {
+            self.event_done(ptr);
         }
         Ok(())
     }
@@ -429,8 +409,6 @@ impl<D: Device> Drop for Packed<D> {
             let _ = self.device.unmap(ch.start, ch.size);
         }
         let _ = self.device.unreserve(self.base, self.va_size);
-        for e in self.event_pool.drain(..) {
-            let _ = self.device.destroy_event(e);
-        }
+        self.pending.destroy(&self.device);
     }
 }

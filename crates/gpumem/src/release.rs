@@ -26,37 +26,20 @@ impl<D: Device> Engine<D> {
     pub(crate) fn insert_events(&mut self, id: BlockId) -> Result<(), AllocError> {
         let streams = std::mem::take(&mut self.blocks[id].stream_uses);
         for stream in streams {
-            let event = match self.event_pool.pop() {
-                Some(e) => e,
-                None => self.device.create_event()?,
-            };
-            self.device.record_event(event, stream)?;
+            self.pending.record(&self.device, stream, id)?;
             self.blocks[id].event_count += 1;
-            self.events.entry(stream).or_default().push_back((event, id));
         }
         Ok(())
     }
 
-    /// Returns to the cache every block whose events have all completed. Each stream's events
-    /// are checked oldest first, stopping at the first still pending, so one slow stream does
-    /// not hold up the others.
+    /// Returns to the cache every block whose events have all completed (see
+    /// Note [Why per-stream queues]).
     pub(crate) fn process_events(&mut self) -> Result<(), AllocError> {
-        if self.events.is_empty() {
+        if self.pending.is_empty() {
             return Ok(());
         }
-        let streams: Vec<StreamId> = self.events.keys().copied().collect();
-        for stream in streams {
-            while let Some(&(event, id)) = self.events.get(&stream).and_then(|q| q.front()) {
-                if !self.device.query_event(event)? {
-                    break;
-                }
-                self.events.get_mut(&stream).unwrap().pop_front();
-                self.event_pool.push(event);
-                self.complete_event_for(id);
-            }
-            if self.events.get(&stream).is_some_and(|q| q.is_empty()) {
-                self.events.remove(&stream);
-            }
+        for id in self.pending.completed(&self.device)? {
+            self.complete_event_for(id);
         }
         Ok(())
     }
@@ -72,13 +55,8 @@ impl<D: Device> Engine<D> {
     /// Waits for every outstanding event and frees the blocks they held.
     pub(crate) fn synchronize_and_free_events(&mut self) -> Result<(), AllocError> {
         self.stats.num_sync_all_streams += 1;
-        let events = std::mem::take(&mut self.events);
-        for (_, queue) in events {
-            for (event, id) in queue {
-                self.device.synchronize_event(event)?;
-                self.event_pool.push(event);
-                self.complete_event_for(id);
-            }
+        for id in self.pending.wait_all(&self.device)? {
+            self.complete_event_for(id);
         }
         Ok(())
     }
@@ -247,8 +225,6 @@ impl<D: Device> Drop for Engine<D> {
             }
             let _ = self.device.unreserve(seg.base, seg.page * seg.max_pages);
         }
-        for e in self.event_pool.drain(..) {
-            let _ = self.device.destroy_event(e);
-        }
+        self.pending.destroy(&self.device);
     }
 }
