@@ -63,7 +63,6 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
             None => 0,
             Some(_) => unsigned(&l.t, "t").map_err(bad)?,
         };
-        trace.has_segments |= action == Action::SegmentAlloc;
         trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Line(n) });
     }
     Ok(trace)

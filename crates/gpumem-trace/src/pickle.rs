@@ -61,7 +61,6 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
             if action == Action::Oom { field(e.device_free, "device_free")? } else { field(e.addr, "addr")? };
         let size = field(e.size, "size")?;
         let stream = field(e.stream, "stream")?;
-        trace.has_segments |= action == Action::SegmentAlloc;
         trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Entry(i) });
     }
     Ok(trace)

@@ -51,9 +51,6 @@ pub struct Trace {
     pub events: Vec<Event>,
     /// The recorded run's own `memory_stats()`, where the file has them.
     pub stats: Option<BTreeMap<String, i64>>,
-    /// Whether any event carries a real pointer of a `segment_alloc` (PyTorch traces do;
-    /// RMM logs have no segments).
-    pub has_segments: bool,
 }
 
 impl Trace {

@@ -210,3 +210,15 @@ fn a_trace_that_runs_out_of_memory_is_reported() {
     assert_eq!(r.alloc_retries, 1);
     assert_eq!(r.live_at_end, 1);
 }
+
+#[test]
+fn a_snapshot_converts_to_json_lines_and_back() {
+    let t = read_trace(&data("snapshot_sample.pickle")).unwrap();
+    let mut out = Vec::new();
+    gpumem_trace::write_jsonl(&t.events, &mut out).unwrap();
+    let back = read_trace_bytes("converted.jsonl", &out).unwrap();
+    let strip = |es: &[gpumem_trace::Event]| {
+        es.iter().map(|e| (e.action, e.addr, e.size, e.stream)).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&back.events), strip(&t.events));
+}

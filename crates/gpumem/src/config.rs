@@ -332,15 +332,6 @@ impl AllocatorConfig {
         self.roundup_power2_divisions[index]
     }
 
-    /// The option string, or `default` when it is empty.
-    pub fn source_or<'a>(&'a self, default: &'a str) -> &'a str {
-        if self.source.trim().is_empty() {
-            default
-        } else {
-            &self.source
-        }
-    }
-
     /// `max_split_size` as PyTorch's stats report it: -1 when unlimited.
     pub(crate) fn max_split_size_stat(&self) -> i64 {
         if self.max_split_size == u64::MAX {
