@@ -36,7 +36,10 @@ impl<D: Device> Packed<D> {
         let mut hit = self.best_fit(stream, size);
         let factor = self.config.compact_factor;
         if let Some(addr) = hit.filter(|_| factor > 0) {
-            // See Note [Splitting idle chunks].
+            // Note [Splitting idle chunks]: with `compact_factor:N`, a block about to land in
+            // an idle chunk more than N times its size would pin all of it; the chunk is
+            // unmapped first, and the block gets pages of its own where it lands. This trades
+            // device calls for memory (docs/policy.md has the figures).
             let victims = self.oversized_idle_chunks(addr, size, factor);
             if !victims.is_empty() {
                 for c in victims {
