@@ -264,13 +264,21 @@ fn gpu_gpumem_recycles_a_page_only_after_its_stream_is_done() {
 fn gpu_global_api_and_every_gpu() {
     let Some(_) = gpu("gpu_global_api_and_every_gpu") else { return };
     let n = gpumem::device_count().unwrap();
+    // one allocator per GPU, all at once, each with its own data and its own counters
+    let mut held = Vec::new();
     for d in 0..n {
         let a = gpumem::allocator(d).unwrap();
+        assert_eq!(a.with_device(|dev| dev.index()), d);
         let stream = a.with_device(|dev| dev.context().default_stream());
-        let t = Tensor::<i64>::empty_with(&a, &stream, &[1 << 20]).unwrap();
-        assert_eq!(gpumem::memory_allocated(d), 8 << 20);
-        drop(t);
+        let mut t = Tensor::<i64>::empty_with(&a, &stream, &[(d + 1) << 20]).unwrap();
+        t.copy_from(&vec![d as i64 + 7; (d + 1) << 20]).unwrap();
+        held.push(t);
     }
+    for (d, t) in held.iter().enumerate() {
+        assert_eq!(gpumem::memory_allocated(d), 8 * ((d as u64 + 1) << 20), "GPU {d} counts only its own");
+        assert!(t.to_vec().unwrap().iter().all(|&v| v == d as i64 + 7), "GPU {d} data");
+    }
+    drop(held);
     let x = Tensor::<f32>::ones(&[1000, 1000]).unwrap();
     assert!(x.to_vec().unwrap().iter().all(|&v| v == 1.0));
     let b = Tensor::<gpumem::bf16>::randn(&[4097]).unwrap();
