@@ -68,6 +68,10 @@ pub(crate) struct ReplayArgs {
     /// Stop at the first inconsistent event (exit 1)
     #[arg(long)]
     pub strict: bool,
+    /// Write the allocator's state at the end and its whole history as a PyTorch snapshot
+    /// pickle (open it with pytorch.org/memory_viz); one trace and one policy only
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Args)]

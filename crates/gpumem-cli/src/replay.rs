@@ -48,7 +48,13 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     if a.device == DeviceChoice::Cuda && a.capacity.is_some() {
         return Err(Failure::Input("--capacity applies to the simulated device only".into()));
     }
-    let opts = ReplayOptions { verify: a.verify, strict: a.strict, stop_after: None };
+    if let Some(out) = &a.snapshot {
+        if a.traces.len() != 1 || policies.len() != 1 {
+            return Err(Failure::Input("--snapshot needs exactly one trace and one --policy".into()));
+        }
+        return dump_snapshot(&a.traces[0], &policies[0], cap, a, out);
+    }
+    let opts = ReplayOptions { verify: a.verify, strict: a.strict, ..Default::default() };
     let show_progress = !a.json && std::io::stdout().is_terminal();
     let mut rows = Vec::new();
     for path in &a.traces {
@@ -167,6 +173,42 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
             );
         }
     }
+}
+
+fn dump_snapshot(path: &str, policy: &Policy, cap: u64, a: &ReplayArgs, out: &str) -> Result<(), Failure> {
+    let trace = read_trace(path)?;
+    let opts =
+        ReplayOptions { verify: a.verify, strict: a.strict, record_history: true, ..Default::default() };
+    let write =
+        |segments: Vec<gpumem::SegmentInfo>, history: Vec<gpumem::TraceEntry>| -> Result<(), Failure> {
+            let file = std::fs::File::create(out)
+                .map_err(|e| Failure::Input(format!("{out}: cannot create: {e}")))?;
+            let mut w = std::io::BufWriter::new(file);
+            gpumem_trace::write_snapshot(&segments, &history, 0, &policy.to_string(), &mut w)
+                .map_err(|e| Failure::Work(format!("{out}: {e}")))?;
+            std::io::Write::flush(&mut w).map_err(|e| Failure::Work(format!("{out}: {e}")))
+        };
+    let report = match a.device {
+        DeviceChoice::Sim => {
+            let (r, alloc) = replay_into(&trace, policy, SimDevice::new(cap), &opts, &mut |_, _| {})
+                .map_err(replay_error)?;
+            write(alloc.snapshot(), alloc.history())?;
+            r
+        }
+        DeviceChoice::Cuda | DeviceChoice::Auto => {
+            let dev = CudaReplayDevice::new(0).map_err(|e| Failure::Work(e.to_string()))?;
+            let (r, alloc) = replay_into(&trace, policy, dev, &opts, &mut |_, _| {}).map_err(replay_error)?;
+            write(alloc.snapshot(), alloc.history())?;
+            r
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report).expect("reports serialize"));
+    } else {
+        print_table(&[report], a.verify);
+        println!("snapshot written to {out} (open it at pytorch.org/memory_viz)");
+    }
+    Ok(())
 }
 
 pub(crate) fn run_summary(a: &SummaryArgs) -> Result<(), Failure> {

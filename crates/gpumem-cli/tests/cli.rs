@@ -162,3 +162,24 @@ fn without_a_gpu_info_and_cuda_exit_1_with_a_clear_line() {
     let o = gpumem(&["replay", &data("vit_train_amp.jsonl.gz"), "--device", "cuda"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn replay_writes_a_snapshot_pytorch_can_open() {
+    let out = std::env::temp_dir().join(format!("gpumem-snap-{}.pickle", std::process::id()));
+    let o = gpumem(&[
+        "replay",
+        &data("resnet50_train.jsonl.gz"),
+        "-p",
+        "gpumem",
+        "--snapshot",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("memory_viz"));
+    // it reads back as a snapshot (our reader checks every entry's fields)
+    let back = gpumem_trace::read_trace(out.to_str().unwrap()).unwrap();
+    assert!(back.events.len() > 5000);
+    let o = gpumem(&["replay", &data("resnet50_train.jsonl.gz"), "--snapshot", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "several policies and --snapshot is a usage error");
+    std::fs::remove_file(&out).ok();
+}

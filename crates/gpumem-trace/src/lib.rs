@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod cuda;
+mod dump;
 mod error;
 mod jsonl;
 mod pickle;
@@ -25,6 +26,7 @@ mod rmm;
 mod trace;
 
 pub use cuda::CudaReplayDevice;
+pub use dump::write_snapshot;
 pub use error::{Location, TraceError};
 pub use jsonl::write_jsonl;
 pub use plan::{plan, Op, Plan, Skip};

@@ -59,6 +59,8 @@ pub struct ReplayOptions {
     pub strict: bool,
     /// Stop after this many ops (to look at the allocator at that point).
     pub stop_after: Option<u64>,
+    /// Record the allocator's history (for a snapshot of the replay).
+    pub record_history: bool,
 }
 
 /// The figures of one replay; its JSON form is the contract of `gpumem replay --json`.
@@ -397,6 +399,9 @@ pub fn replay_into<D: ReplayDevice + 'static>(
     let verify = opts.verify && policy.kind == PolicyKind::Torch && device.plan_addresses(&plan.segments);
     let (_, capacity) = device.mem_get_info().map_err(AllocError::from)?;
     let alloc = Allocator::with_policy(device.clone(), policy)?;
+    if opts.record_history {
+        alloc.record_history(true, usize::MAX);
+    }
     let report = run(trace, &plan, policy, &device, &alloc, capacity, verify, opts, progress)?;
     Ok((report, alloc))
 }

@@ -154,3 +154,43 @@ fn stream_waits_are_modelled() {
     // the 12 frees the trace never completed stay pending, as in the recorded run
     assert_eq!(deferred - completed, 4152 - 4140);
 }
+
+#[test]
+fn a_replayed_snapshot_dumps_as_pytorchs_own() {
+    #[derive(serde::Deserialize, PartialEq, Debug)]
+    struct Block {
+        address: u64,
+        size: u64,
+        state: String,
+    }
+    #[derive(serde::Deserialize, PartialEq, Debug)]
+    struct Segment {
+        address: u64,
+        total_size: u64,
+        allocated_size: u64,
+        segment_type: String,
+        blocks: Vec<Block>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Snap {
+        segments: Vec<Segment>,
+    }
+    let path = data("snapshot_sample.pickle");
+    let trace = read_trace(&path).unwrap();
+    let torch = Policy::parse("torch").unwrap();
+    let opts = ReplayOptions { verify: true, record_history: true, ..Default::default() };
+    let (_, alloc) = replay_into(&trace, &torch, SimDevice::default(), &opts, &mut |_, _| {}).unwrap();
+    let mut out = Vec::new();
+    gpumem_trace::write_snapshot(&alloc.snapshot(), &alloc.history(), 0, "", &mut out).unwrap();
+    // the history is PyTorch's trace, event for event
+    let ours = gpumem_trace::read_trace_bytes("ours.pickle", &out).unwrap();
+    let key = |t: &gpumem_trace::Trace| {
+        t.events.iter().map(|e| (e.action, e.addr, e.size, e.stream)).collect::<Vec<_>>()
+    };
+    assert_eq!(key(&ours), key(&trace));
+    // and the segments and blocks are PyTorch's snapshot's
+    let opts = || serde_pickle::DeOptions::new().replace_recursive_structures();
+    let mine: Snap = serde_pickle::from_slice(&out, opts()).unwrap();
+    let theirs: Snap = serde_pickle::from_slice(&std::fs::read(&path).unwrap(), opts()).unwrap();
+    assert_eq!(mine.segments, theirs.segments);
+}
