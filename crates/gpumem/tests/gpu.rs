@@ -261,6 +261,60 @@ fn gpu_gpumem_recycles_a_page_only_after_its_stream_is_done() {
     ctx.synchronize().expect("no illegal-address error");
 }
 
+/// `x[i] += 1` for `i < n`, in PTX (the driver compiles it for the GPU at load time).
+const ADD_ONE_PTX: &str = r#"
+.version 7.0
+.target sm_70
+.address_size 64
+.visible .entry add_one(.param .u64 x, .param .u32 n)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<8>;
+    .reg .b64 %rd<5>;
+    ld.param.u64 %rd1, [x];
+    ld.param.u32 %r2, [n];
+    mov.u32 %r3, %ctaid.x;
+    mov.u32 %r4, %ntid.x;
+    mov.u32 %r5, %tid.x;
+    mad.lo.s32 %r1, %r3, %r4, %r5;
+    setp.ge.u32 %p1, %r1, %r2;
+    @%p1 bra DONE;
+    cvta.to.global.u64 %rd2, %rd1;
+    mul.wide.u32 %rd3, %r1, 4;
+    add.s64 %rd4, %rd2, %rd3;
+    ld.global.u32 %r6, [%rd4];
+    add.s32 %r7, %r6, 1;
+    st.global.u32 [%rd4], %r7;
+DONE:
+    ret;
+}
+"#;
+
+fn gpu_cudarc_kernels_take_gpumem_tensors() {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let Some(dev) = gpu("gpu_cudarc_kernels_take_gpumem_tensors") else { return };
+    let ctx = dev.context().clone();
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ADD_ONE_PTX)).unwrap();
+    let add_one = module.load_function("add_one").unwrap();
+    let a = allocator(dev.clone(), "policy:gpumem");
+    let stream = ctx.new_stream().unwrap();
+    let n = 1_000_003usize;
+    let mut x = Tensor::<i32>::empty_with(&a, &stream, &[n]).unwrap();
+    x.copy_from(&(0..n as i32).collect::<Vec<_>>()).unwrap();
+    let n32 = n as u32;
+    let mut launch = stream.launch_builder(&add_one);
+    launch.arg(&mut x).arg(&n32);
+    // SAFETY: add_one(int*, unsigned) matches the arguments; the grid covers n.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n32)) }.unwrap();
+    // a cudarc copy into a gpumem tensor on another stream records that use
+    let other = ctx.new_stream().unwrap();
+    let mut y = Tensor::<i32>::empty_with(&a, &other, &[n]).unwrap();
+    stream.synchronize().unwrap();
+    other.memcpy_dtod(&x, &mut y).unwrap();
+    let got = y.to_vec().unwrap();
+    assert!(got.iter().enumerate().all(|(i, &v)| v == i as i32 + 1), "the kernel ran on gpumem memory");
+}
+
 fn gpu_global_api_and_every_gpu() {
     let Some(_) = gpu("gpu_global_api_and_every_gpu") else { return };
     let n = gpumem::device_count().unwrap();
@@ -308,6 +362,7 @@ fn main() {
             "gpu_gpumem_recycles_a_page_only_after_its_stream_is_done",
             gpu_gpumem_recycles_a_page_only_after_its_stream_is_done,
         ),
+        ("gpu_cudarc_kernels_take_gpumem_tensors", gpu_cudarc_kernels_take_gpumem_tensors),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
