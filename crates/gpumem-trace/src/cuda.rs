@@ -77,6 +77,9 @@ impl Device for CudaReplayDevice {
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         self.dev.synchronize_stream(stream)
     }
+    fn synchronize_device(&self) -> Result<(), DeviceError> {
+        self.dev.synchronize_device()
+    }
 }
 
 impl ReplayDevice for CudaReplayDevice {

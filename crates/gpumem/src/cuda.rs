@@ -277,6 +277,12 @@ impl Device for CudaDevice {
         check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(event.0 as sys::CUevent) })
     }
 
+    fn synchronize_device(&self) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: the context is current.
+        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+    }
+
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         self.bind()?;
         // SAFETY: a stream handle the caller holds (0: the legacy default stream).

@@ -104,4 +104,8 @@ pub trait Device: Send + Sync {
     fn synchronize_event(&self, event: EventId) -> Result<(), DeviceError>;
     /// Waits for all work on `stream` (`cuStreamSynchronize`).
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
+    /// Waits for all work on every stream of the device (`cuCtxSynchronize`). The engines
+    /// call this before unmapping pages: it needs no stream handle, so a stream the program
+    /// has destroyed since it last used the pages cannot be a problem.
+    fn synchronize_device(&self) -> Result<(), DeviceError>;
 }

@@ -64,8 +64,6 @@ pub(crate) struct Chunk {
     pub size: u64,
     /// Live blocks overlapping the chunk.
     pub users: u32,
-    /// Streams whose blocks used the chunk since it was mapped (waited for before unmapping).
-    pub streams: Vec<StreamId>,
     /// When the chunk last became idle (for least-recently-used recycling).
     pub idle_since: u64,
 }
@@ -256,15 +254,12 @@ impl<D: Device> Packed<D> {
     }
 
     /// Counts a new live block on every chunk under it.
-    pub(crate) fn add_users(&mut self, addr: u64, size: u64, stream: StreamId) {
+    pub(crate) fn add_users(&mut self, addr: u64, size: u64) {
         let mut p = addr;
         while p < addr + size {
             let c = self.chunk_at(p).expect("live blocks are mapped");
             let ch = self.chunks[c as usize].as_mut().unwrap();
             ch.users += 1;
-            if !ch.streams.contains(&stream) {
-                ch.streams.push(stream);
-            }
             if ch.users == 1 {
                 self.idle_bytes -= ch.size;
             }
@@ -301,7 +296,7 @@ impl<D: Device> Packed<D> {
             Err(DeviceError::OutOfMemory) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let chunk = Chunk { start, size, users: 0, streams: Vec::new(), idle_since: 0 };
+        let chunk = Chunk { start, size, users: 0, idle_since: 0 };
         let c = match self.vacant_chunks.pop() {
             Some(c) => {
                 self.chunks[c as usize] = Some(chunk);
@@ -336,10 +331,9 @@ impl<D: Device> Packed<D> {
     fn release_chunk(&mut self, c: u32) -> Result<Chunk, AllocError> {
         let ch = self.chunks[c as usize].take().expect("a live chunk");
         debug_assert_eq!(ch.users, 0);
-        // See Note [Unmapping does not wait] in cuda.rs.
-        for s in &ch.streams {
-            self.device.synchronize_stream(*s)?;
-        }
+        // See Note [Unmapping does not wait] in cuda.rs; the device-wide wait needs no
+        // stream handle, so streams destroyed since they used the chunk do no harm.
+        self.device.synchronize_device()?;
         self.device.unmap(ch.start, ch.size)?;
         self.idle_bytes -= ch.size;
         self.mapped_bytes -= ch.size;

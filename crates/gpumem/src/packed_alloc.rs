@@ -78,7 +78,7 @@ impl<D: Device> Packed<D> {
 
     /// Records a new live block at `addr`.
     fn install(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
-        self.add_users(addr, size, stream);
+        self.add_users(addr, size);
         self.live.insert(
             addr,
             Used { size, requested: orig, stream, allocated: true, event_count: 0, stream_uses: Vec::new() },
@@ -405,10 +405,8 @@ impl<D: Device> Drop for Packed<D> {
     /// Unmaps everything and gives the address range back (blocks still allocated go with it).
     fn drop(&mut self) {
         let _ = self.synchronize_and_free_events();
+        let _ = self.device.synchronize_device();
         for ch in self.chunks.drain(..).flatten() {
-            for s in &ch.streams {
-                let _ = self.device.synchronize_stream(*s);
-            }
             let _ = self.device.unmap(ch.start, ch.size);
         }
         let _ = self.device.unreserve(self.base, self.va_size);

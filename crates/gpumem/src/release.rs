@@ -216,8 +216,8 @@ impl<D: Device> Drop for Engine<D> {
         for ptr in heads {
             let _ = self.device.free(ptr);
         }
+        let _ = self.device.synchronize_device();
         for seg in self.segments.drain(..).flatten() {
-            let _ = self.device.synchronize_stream(seg.stream);
             for (i, &m) in seg.mapped.iter().enumerate() {
                 if m {
                     let _ = self.device.unmap(seg.base + i as u64 * seg.page, seg.page);

@@ -44,7 +44,7 @@ pub struct SimCounters {
     pub events_recorded: u64,
     /// `query_event` calls.
     pub events_queried: u64,
-    /// `synchronize_event` and `synchronize_stream` calls.
+    /// `synchronize_event`, `synchronize_stream` and `synchronize_device` calls.
     pub synchronizes: u64,
     /// `mem_get_info` calls.
     pub mem_get_info: u64,
@@ -356,6 +356,12 @@ impl Device for SimDevice {
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         self.state.lock().counters.synchronizes += 1;
         self.complete_stream(stream);
+        Ok(())
+    }
+
+    fn synchronize_device(&self) -> Result<(), DeviceError> {
+        self.state.lock().counters.synchronizes += 1;
+        self.complete_all();
         Ok(())
     }
 }

@@ -5,7 +5,8 @@
 //! It implements cudarc's device-pointer traits, so a gpumem tensor can be passed to cudarc
 //! copies (`memcpy_htod`, `memcpy_dtoh`), cuRAND, and kernel launches: gpumem then serves as the
 //! allocator of a cudarc program. Using a tensor on a stream other than its own records that
-//! use (`record_stream`), so its block is not reused before that stream is done with it.
+//! use (`record_stream`), so its block is not reused before that stream is done with it; that
+//! stream must then outlive the tensor.
 
 use crate::device::StreamId;
 use crate::error::AllocError;
@@ -278,7 +279,8 @@ impl<T: Element> Tensor<T> {
     }
 
     /// Marks the tensor as used on `stream` too: when it is dropped, its block waits for the
-    /// work queued on `stream` so far (PyTorch's `Tensor.record_stream`).
+    /// work queued on `stream` so far (PyTorch's `Tensor.record_stream`). As in PyTorch, the
+    /// stream must outlive the tensor: the wait is an event recorded on it at the drop.
     pub fn record_stream(&self, stream: &CudaStream) -> Result<(), AllocError> {
         if self.ptr == 0 {
             return Ok(());

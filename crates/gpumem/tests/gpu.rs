@@ -297,7 +297,9 @@ fn gpu_cudarc_kernels_take_gpumem_tensors() {
     let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ADD_ONE_PTX)).unwrap();
     let add_one = module.load_function("add_one").unwrap();
     let a = allocator(dev.clone(), "policy:gpumem");
+    // streams first: they must outlive the tensors used on them (dropped in reverse order)
     let stream = ctx.new_stream().unwrap();
+    let other = ctx.new_stream().unwrap();
     let n = 1_000_003usize;
     let mut x = Tensor::<i32>::empty_with(&a, &stream, &[n]).unwrap();
     x.copy_from(&(0..n as i32).collect::<Vec<_>>()).unwrap();
@@ -307,7 +309,6 @@ fn gpu_cudarc_kernels_take_gpumem_tensors() {
     // SAFETY: add_one(int*, unsigned) matches the arguments; the grid covers n.
     unsafe { launch.launch(LaunchConfig::for_num_elems(n32)) }.unwrap();
     // a cudarc copy into a gpumem tensor on another stream records that use
-    let other = ctx.new_stream().unwrap();
     let mut y = Tensor::<i32>::empty_with(&a, &other, &[n]).unwrap();
     stream.synchronize().unwrap();
     other.memcpy_dtod(&x, &mut y).unwrap();
