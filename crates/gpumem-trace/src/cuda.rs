@@ -17,13 +17,27 @@ pub struct CudaReplayDevice {
 }
 
 impl CudaReplayDevice {
-    /// Opens GPU `ordinal` for a replay.
+    /// Opens GPU `ordinal` for a replay, and warms up the driver calls a replay makes (the
+    /// first ones in a process are several times slower), so that they are not timed.
     pub fn new(ordinal: usize) -> Result<CudaReplayDevice, DeviceError> {
         let dev = CudaDevice::new(ordinal)?;
         let side = dev
             .context()
             .new_stream()
             .map_err(|e| DeviceError::Driver { call: "cuStreamCreate", message: format!("{e:?}") })?;
+        let page = dev.page_granularity();
+        for _ in 0..4 {
+            let p = dev.malloc(page)?;
+            dev.free(p)?;
+            let va = dev.reserve(page)?;
+            dev.map(va, page)?;
+            dev.unmap(va, page)?;
+            dev.unreserve(va, page)?;
+        }
+        let e = dev.create_event()?;
+        dev.record_event(e, StreamId(side.cu_stream() as u64))?;
+        dev.synchronize_event(e)?;
+        dev.destroy_event(e)?;
         Ok(CudaReplayDevice { dev, side })
     }
 }
