@@ -86,7 +86,10 @@ pub(crate) struct Packed<D: Device> {
     /// neighbours without a tree search (boundary tags).
     pub spans: PtrMap<(u64, Piece)>,
     pub span_end: PtrMap<u64>,
-    /// The starts of free and unmapped pieces, in order (for the rare walks by address).
+    /// Addresses where free or unmapped pieces started, in order, for the rare walks by
+    /// address. Entries are only ever added on the request path; stale ones are skipped by the
+    /// walks and swept out when they outnumber the pieces (one tree update per operation
+    /// saved).
     pub starts: BTreeSet<u64>,
     /// Free mapped pieces by (stream, size, address), for best fit.
     pub free: BTreeSet<(u64, u64, u64)>,
@@ -166,6 +169,10 @@ impl<D: Device> Packed<D> {
         self.spans.insert(addr, (size, kind));
         self.span_end.insert(addr + size, addr);
         self.starts.insert(addr);
+        if self.starts.len() > 2 * self.spans.len() + 1024 {
+            let spans = &self.spans;
+            self.starts.retain(|a| spans.contains_key(a));
+        }
         match kind {
             Piece::Free { stream } => {
                 self.free.insert((stream, size, addr));
@@ -180,7 +187,6 @@ impl<D: Device> Packed<D> {
     pub(crate) fn take_piece(&mut self, addr: u64) -> (u64, Piece) {
         let (size, kind) = self.spans.remove(&addr).expect("a free piece at this address");
         self.span_end.remove(&(addr + size));
-        self.starts.remove(&addr);
         match kind {
             Piece::Free { stream } => {
                 self.free.remove(&(stream, size, addr));
@@ -214,8 +220,9 @@ impl<D: Device> Packed<D> {
 
     /// The free or unmapped piece that holds `addr`, as (start, size, kind).
     pub(crate) fn piece_containing(&self, addr: u64) -> Option<(u64, u64, Piece)> {
-        let &start = self.starts.range(..=addr).next_back()?;
-        let (size, kind) = self.spans[&start];
+        // the nearest live entry at or below addr (stale ones are skipped)
+        let (start, &(size, kind)) =
+            self.starts.range(..=addr).rev().find_map(|a| self.spans.get(a).map(|v| (*a, v)))?;
         (addr < start + size).then_some((start, size, kind))
     }
 
