@@ -25,6 +25,7 @@ pub(crate) struct ExpandableSegment {
     pub base: u64,
     pub page: u64,
     pub max_pages: u64,
+    pub stream: StreamId,
     /// Which pages are mapped.
     pub mapped: Vec<bool>,
 }
@@ -80,7 +81,7 @@ impl<D: Device> Engine<D> {
         let space = self.device_total + self.device_total / 8;
         let max_pages = space.div_ceil(page);
         let base = self.device.reserve(page * max_pages)?;
-        let seg = ExpandableSegment { base, page, max_pages, mapped: Vec::new() };
+        let seg = ExpandableSegment { base, page, max_pages, stream, mapped: Vec::new() };
         let mut b = Block::new(base, seg.size(), stream, kind);
         b.mapped = false;
         b.expandable = Some(self.segments.len() as u32);
@@ -187,9 +188,14 @@ impl<D: Device> Engine<D> {
             return Ok(());
         }
         // Unmapping does not wait for the GPU: make sure it is done with the pages. PyTorch
-        // synchronizes the segment's stream; the whole device is a superset of that and needs
-        // no stream handle (the program may have destroyed the stream since).
-        self.device.synchronize_device()?;
+        // synchronizes the segment's stream; that is kept for the default stream, and the
+        // whole device, which needs no stream handle, stands in for any other (the program
+        // may have destroyed it since).
+        if seg.stream == StreamId::DEFAULT {
+            self.device.synchronize_stream(seg.stream)?;
+        } else {
+            self.device.synchronize_device()?;
+        }
         for i in begin..end {
             self.device.unmap(seg.base + i * seg.page, seg.page)?;
             seg.mapped[i as usize] = false;

@@ -64,6 +64,9 @@ pub(crate) struct Chunk {
     pub size: u64,
     /// Live blocks overlapping the chunk.
     pub users: u32,
+    /// Whether a block on a stream other than the default one used the chunk since it was
+    /// mapped (see Note [Which wait before unmapping]).
+    pub other_streams: bool,
     /// When the chunk last became idle (for least-recently-used recycling).
     pub idle_since: u64,
 }
@@ -261,12 +264,13 @@ impl<D: Device> Packed<D> {
     }
 
     /// Counts a new live block on every chunk under it.
-    pub(crate) fn add_users(&mut self, addr: u64, size: u64) {
+    pub(crate) fn add_users(&mut self, addr: u64, size: u64, stream: StreamId) {
         let mut p = addr;
         while p < addr + size {
             let c = self.chunk_at(p).expect("live blocks are mapped");
             let ch = self.chunks[c as usize].as_mut().unwrap();
             ch.users += 1;
+            ch.other_streams |= stream != StreamId::DEFAULT;
             if ch.users == 1 {
                 self.idle_bytes -= ch.size;
             }
@@ -303,7 +307,7 @@ impl<D: Device> Packed<D> {
             Err(DeviceError::OutOfMemory) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let chunk = Chunk { start, size, users: 0, idle_since: 0 };
+        let chunk = Chunk { start, size, users: 0, other_streams: false, idle_since: 0 };
         let c = match self.vacant_chunks.pop() {
             Some(c) => {
                 self.chunks[c as usize] = Some(chunk);
@@ -338,9 +342,18 @@ impl<D: Device> Packed<D> {
     fn release_chunk(&mut self, c: u32) -> Result<Chunk, AllocError> {
         let ch = self.chunks[c as usize].take().expect("a live chunk");
         debug_assert_eq!(ch.users, 0);
-        // See Note [Unmapping does not wait] in cuda.rs; the device-wide wait needs no
-        // stream handle, so streams destroyed since they used the chunk do no harm.
-        self.device.synchronize_device()?;
+        // Note [Which wait before unmapping]
+        // -----------------------------------
+        // Unmapping does not wait for the GPU (Note [Unmapping does not wait] in cuda.rs).
+        // PyTorch waits for the segment's stream. A chunk used only on the default stream
+        // waits for that stream, which cannot be destroyed; one used on other streams waits
+        // for the whole device, which needs no stream handle: a stream the program has
+        // destroyed since it used the chunk must not be synchronized.
+        if ch.other_streams {
+            self.device.synchronize_device()?;
+        } else {
+            self.device.synchronize_stream(StreamId::DEFAULT)?;
+        }
         self.device.unmap(ch.start, ch.size)?;
         self.idle_bytes -= ch.size;
         self.mapped_bytes -= ch.size;

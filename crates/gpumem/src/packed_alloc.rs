@@ -78,7 +78,7 @@ impl<D: Device> Packed<D> {
 
     /// Records a new live block at `addr`.
     fn install(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
-        self.add_users(addr, size);
+        self.add_users(addr, size, stream);
         self.live.insert(
             addr,
             Used { size, requested: orig, stream, allocated: true, event_count: 0, stream_uses: Vec::new() },
