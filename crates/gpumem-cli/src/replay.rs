@@ -177,12 +177,13 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
 
 fn dump_snapshot(path: &str, policy: &Policy, cap: u64, a: &ReplayArgs, out: &str) -> Result<(), Failure> {
     let trace = read_trace(path)?;
+    // create the file first: a bad path is bad input, found before the work
+    let file =
+        std::fs::File::create(out).map_err(|e| Failure::Input(format!("{out}: cannot create: {e}")))?;
     let opts =
         ReplayOptions { verify: a.verify, strict: a.strict, record_history: true, ..Default::default() };
     let write =
         |segments: Vec<gpumem::SegmentInfo>, history: Vec<gpumem::TraceEntry>| -> Result<(), Failure> {
-            let file = std::fs::File::create(out)
-                .map_err(|e| Failure::Input(format!("{out}: cannot create: {e}")))?;
             let mut w = std::io::BufWriter::new(file);
             gpumem_trace::write_snapshot(&segments, &history, 0, &policy.to_string(), &mut w)
                 .map_err(|e| Failure::Work(format!("{out}: {e}")))?;
