@@ -380,7 +380,7 @@ impl<D: Device> Packed<D> {
                 size::format_size(max)
             ),
             _ if reserved > allocated + allocated / 10 => format!(
-                "{} is mapped under freed space that shares pages with live blocks; that is as tight as packing gets. Free tensors you no longer need, or use a smaller batch.",
+                "{} of the reserved memory is free but shares physical chunks with live tensors, so it can be neither given back nor used for this request: free tensors you no longer need, use a smaller batch, or try compact_factor:2 (fewer shared chunks, more driver calls).",
                 size::format_size(non_releasable)
             ),
             _ => "Live tensors hold nearly all of this memory: free tensors you no longer need, use a smaller batch, or look for leaks with a snapshot.".to_string(),
