@@ -202,6 +202,20 @@ impl<D: Device> Packed<D> {
         (size, kind)
     }
 
+    /// Moves the start of the free piece at `addr` up by `by` bytes, keeping its end (the
+    /// cheapest update when a block is carved from its front).
+    pub(crate) fn advance_piece(&mut self, addr: u64, by: u64) {
+        let (size, kind) = self.spans.remove(&addr).expect("a free piece at this address");
+        let (start, rest) = (addr + by, size - by);
+        self.spans.insert(start, (rest, kind));
+        *self.span_end.get_mut(&(addr + size)).expect("its end") = start;
+        self.starts.insert(start);
+        if let Piece::Free { stream } = kind {
+            self.free.remove(&(stream, size, addr));
+            self.free.insert((stream, rest, start));
+        }
+    }
+
     /// Changes the size of the piece at `addr`, keeping its start.
     pub(crate) fn resize_piece(&mut self, addr: u64, size: u64) {
         let (old, kind) = self.spans[&addr];

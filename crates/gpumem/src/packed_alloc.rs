@@ -68,10 +68,12 @@ impl<D: Device> Packed<D> {
 
     /// Takes `size` bytes at the start of the free piece at `addr` for a new block.
     fn carve(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
-        let (psize, kind) = self.take_piece(addr);
+        let (psize, kind) = self.spans[&addr];
         debug_assert!(matches!(kind, Piece::Free { .. }) && psize >= size);
         if psize > size {
-            self.set_piece(addr + size, psize - size, kind);
+            self.advance_piece(addr, size);
+        } else {
+            self.take_piece(addr);
         }
         self.install(addr, size, stream, orig);
     }
@@ -240,11 +242,11 @@ impl<D: Device> Packed<D> {
         let u = self.live.get_mut(&ptr).filter(|u| u.allocated).ok_or(AllocError::InvalidPointer(ptr))?;
         u.allocated = false;
         let (size, requested, stream) = (u.size, u.requested, u.stream);
+        let uses = std::mem::take(&mut u.stream_uses);
         let k = POOL;
         self.stats.allocation.decrease(k, 1);
         self.stats.allocated_bytes.decrease(k, size);
         self.history.record(Action::FreeRequested, ptr, requested, stream);
-        let uses = std::mem::take(&mut self.live.get_mut(&ptr).unwrap().stream_uses);
         if uses.is_empty() {
             self.free_completed(ptr);
             return Ok(());
