@@ -67,8 +67,15 @@ impl<D: Device> Core<D> {
             Core::Packed(p) => p.empty_cache(),
         }
     }
-    fn set_memory_fraction(&mut self, f: f64) -> Result<(), AllocError> {
-        on_core!(self, e => e.set_memory_fraction(f))
+    /// Caps reserved memory at `fraction` of the device (PyTorch: of its total memory).
+    fn set_memory_fraction(&mut self, fraction: f64) -> Result<(), AllocError> {
+        if !(0.0..=1.0).contains(&fraction) || fraction.is_nan() {
+            return Err(AllocError::InvalidFraction(fraction));
+        }
+        let (_, total) = self.allowed_and_total();
+        let cap = (fraction * total as f64) as u64;
+        on_core!(self, e => e.allowed_memory_maximum = Some(cap));
+        Ok(())
     }
     fn allowed_and_total(&self) -> (Option<u64>, u64) {
         on_core!(self, e => (e.allowed_memory_maximum, e.device_total))
@@ -103,10 +110,14 @@ impl<D: Device> Allocator<D> {
         if kind == PolicyKind::TorchExpandable {
             config.expandable_segments = true;
         }
-        let core = match kind {
+        let fraction = config.per_process_memory_fraction;
+        let mut core = match kind {
             PolicyKind::Gpumem => Core::Packed(Packed::new(device, config)?),
             PolicyKind::Torch | PolicyKind::TorchExpandable => Core::Torch(Engine::new(device, config)?),
         };
+        if let Some(f) = fraction {
+            core.set_memory_fraction(f)?;
+        }
         Ok(Allocator { engine: Mutex::new(core) })
     }
 

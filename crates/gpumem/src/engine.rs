@@ -79,7 +79,7 @@ pub(crate) fn pool_index(kind: PoolKind) -> usize {
 impl<D: Device> Engine<D> {
     pub(crate) fn new(device: D, config: AllocatorConfig) -> Result<Engine<D>, AllocError> {
         let (_, total) = device.mem_get_info()?;
-        let mut e = Engine {
+        let e = Engine {
             device,
             stats: DeviceStats { max_split_size: config.max_split_size_stat(), ..Default::default() },
             config,
@@ -93,18 +93,7 @@ impl<D: Device> Engine<D> {
             history: History::default(),
             device_total: total,
         };
-        if let Some(f) = e.config.per_process_memory_fraction {
-            e.set_memory_fraction(f)?;
-        }
         Ok(e)
-    }
-
-    pub(crate) fn set_memory_fraction(&mut self, fraction: f64) -> Result<(), AllocError> {
-        if !(0.0..=1.0).contains(&fraction) || fraction.is_nan() {
-            return Err(AllocError::InvalidFraction(fraction));
-        }
-        self.allowed_memory_maximum = Some((fraction * self.device_total as f64) as u64);
-        Ok(())
     }
 
     pub(crate) fn pool(&self, kind: PoolKind) -> &BlockPool {

@@ -125,7 +125,7 @@ impl<D: Device> Packed<D> {
         // holes left by recycling never run the range out.
         let va_size = (total.saturating_mul(4)).div_ceil(page) * page;
         let base = device.reserve(va_size)?;
-        let mut p = Packed {
+        let p = Packed {
             device,
             stats: DeviceStats { max_split_size: config.max_split_size_stat(), ..Default::default() },
             config,
@@ -152,18 +152,7 @@ impl<D: Device> Packed<D> {
             high_water: 0,
             pending: PendingFrees::default(),
         };
-        if let Some(f) = p.config.per_process_memory_fraction {
-            p.set_memory_fraction(f)?;
-        }
         Ok(p)
-    }
-
-    pub(crate) fn set_memory_fraction(&mut self, fraction: f64) -> Result<(), AllocError> {
-        if !(0.0..=1.0).contains(&fraction) || fraction.is_nan() {
-            return Err(AllocError::InvalidFraction(fraction));
-        }
-        self.allowed_memory_maximum = Some((fraction * self.device_total as f64) as u64);
-        Ok(())
     }
 
     // ---- pieces ----
