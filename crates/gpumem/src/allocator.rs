@@ -6,7 +6,7 @@ use crate::engine::Engine;
 use crate::error::AllocError;
 use crate::history::TraceEntry;
 use crate::packed::Packed;
-use crate::snapshot::SegmentInfo;
+use crate::snapshot::{recount, SegmentInfo};
 use crate::stats::{DeviceStats, MemoryStats};
 use parking_lot::{Mutex, MutexGuard};
 
@@ -238,6 +238,14 @@ impl<D: Device> Allocator<D> {
     /// Every segment and block, in address order.
     pub fn snapshot(&self) -> Vec<SegmentInfo> {
         self.lock().snapshot()
+    }
+
+    /// Checks every per-pool counter against a recount of the snapshot (PyTorch's
+    /// `_check_memory_stat_consistency`); the error names the first that disagrees. Useful
+    /// in tests of code that drives the allocator, and when a counter looks wrong.
+    pub fn check_stats(&self) -> Result<(), String> {
+        let e = self.lock();
+        e.stats().mismatch_with_recount(&recount(&e.snapshot())).map_or(Ok(()), Err)
     }
 
     /// Free and total device memory as the driver reports it.

@@ -132,6 +132,9 @@ pub struct DeviceStats {
     pub max_split_size: i64,
 }
 
+/// The key of each entry of a [`StatArray`], in order.
+const POOL_KEYS: [&str; 3] = ["all", "small_pool", "large_pool"];
+
 /// The flattened stats: PyTorch's key names mapped to values, sorted by key.
 pub type MemoryStats = BTreeMap<String, i64>;
 
@@ -174,8 +177,8 @@ impl DeviceStats {
             m.insert(format!("{prefix}.freed"), s.freed);
         };
         for (name, arr) in self.arrays() {
-            for (i, pool) in ["all", "small_pool", "large_pool"].iter().enumerate() {
-                put(format!("{name}.{pool}"), &arr.0[i]);
+            for (pool, stat) in POOL_KEYS.iter().zip(&arr.0) {
+                put(format!("{name}.{pool}"), stat);
             }
         }
         put("oversize_allocations".into(), &self.oversize_allocations);
@@ -187,6 +190,23 @@ impl DeviceStats {
         m.insert("num_device_free".into(), self.num_device_free);
         m.insert("max_split_size".into(), self.max_split_size);
         m
+    }
+
+    /// The first per-pool counter whose `current` value differs from `recounted` (what
+    /// [`crate::recount`] derives from a snapshot), as a sentence naming it and both values;
+    /// `None` when the bookkeeping agrees.
+    pub fn mismatch_with_recount(&self, recounted: &DeviceStats) -> Option<String> {
+        for ((name, got), (_, want)) in self.arrays().into_iter().zip(recounted.arrays()) {
+            for ((pool, g), w) in POOL_KEYS.iter().zip(&got.0).zip(&want.0) {
+                if g.current != w.current {
+                    return Some(format!(
+                        "{name}.{pool}.current is {}, but a recount of the snapshot gives {}",
+                        g.current, w.current
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// `reset_peak_memory_stats`: every peak becomes the current value.
@@ -225,6 +245,18 @@ mod tests {
         assert!(m.contains_key("allocation.all.current"));
         assert!(m.contains_key("requested_bytes.small_pool.freed"));
         assert!(m.contains_key("oversize_segments.peak"));
+    }
+
+    #[test]
+    fn a_counter_that_disagrees_with_the_recount_is_named() {
+        let recounted = DeviceStats::default();
+        let mut s = DeviceStats::default();
+        assert_eq!(s.mismatch_with_recount(&recounted), None);
+        s.active_bytes.increase(PoolKind::Large, 512);
+        assert_eq!(
+            s.mismatch_with_recount(&recounted).as_deref(),
+            Some("active_bytes.all.current is 512, but a recount of the snapshot gives 0")
+        );
     }
 
     #[test]

@@ -4,9 +4,7 @@
 //! This file has its own `main` (no libtest harness) so that a skip is printed even when the
 //! run passes, and it ends with a plain "N passed, N failed, N skipped" line.
 
-use gpumem::{
-    recount, AllocError, Allocator, AllocatorConfig, CudaAllocator, CudaDevice, Device, StreamId, Tensor,
-};
+use gpumem::{AllocError, Allocator, AllocatorConfig, CudaAllocator, CudaDevice, Device, StreamId, Tensor};
 use std::sync::Arc;
 
 fn gpu(_name: &str) -> Option<CudaDevice> {
@@ -18,15 +16,7 @@ fn allocator(dev: CudaDevice, conf: &str) -> Arc<CudaAllocator> {
 }
 
 fn check_consistent<D: Device>(a: &Allocator<D>) {
-    let want = recount(&a.snapshot());
-    let got = a.stats();
-    assert_eq!(want.allocated_bytes.0.map(|s| s.current), got.allocated_bytes.0.map(|s| s.current));
-    assert_eq!(want.reserved_bytes.0.map(|s| s.current), got.reserved_bytes.0.map(|s| s.current));
-    assert_eq!(want.active_bytes.0.map(|s| s.current), got.active_bytes.0.map(|s| s.current));
-    assert_eq!(want.requested_bytes.0.map(|s| s.current), got.requested_bytes.0.map(|s| s.current));
-    assert_eq!(want.segment.0.map(|s| s.current), got.segment.0.map(|s| s.current));
-    assert_eq!(want.inactive_split_bytes.0.map(|s| s.current), got.inactive_split_bytes.0.map(|s| s.current));
-    assert_eq!(want.allocation.0.map(|s| s.current), got.allocation.0.map(|s| s.current));
+    a.check_stats().unwrap();
 }
 
 struct Lcg(u64);

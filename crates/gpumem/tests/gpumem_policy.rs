@@ -2,7 +2,7 @@
 //! chunks recycled instead of reserving more, and everything PyTorch users rely on still
 //! meaningful (stats, summary, empty_cache, out of memory).
 
-use gpumem::{recount, AllocError, Allocator, AllocatorConfig, Device, PolicyKind, SimDevice, StreamId};
+use gpumem::{AllocError, Allocator, AllocatorConfig, Device, PolicyKind, SimDevice, StreamId};
 
 const MIB: u64 = 1 << 20;
 const S0: StreamId = StreamId(0);
@@ -22,13 +22,7 @@ fn setup() -> (SimDevice, Allocator<SimDevice>) {
 }
 
 fn consistent(a: &Allocator<SimDevice>, sim: &SimDevice) {
-    let want = recount(&a.snapshot());
-    let got = a.stats();
-    assert_eq!(want.allocated_bytes.0.map(|s| s.current), got.allocated_bytes.0.map(|s| s.current));
-    assert_eq!(want.active_bytes.0.map(|s| s.current), got.active_bytes.0.map(|s| s.current));
-    assert_eq!(want.reserved_bytes.0.map(|s| s.current), got.reserved_bytes.0.map(|s| s.current));
-    assert_eq!(want.requested_bytes.0.map(|s| s.current), got.requested_bytes.0.map(|s| s.current));
-    assert_eq!(want.allocation.0.map(|s| s.current), got.allocation.0.map(|s| s.current));
+    a.check_stats().unwrap();
     assert_eq!(a.memory_reserved(), sim.used(), "reserved is the physical memory mapped");
 }
 
