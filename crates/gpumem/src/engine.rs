@@ -16,7 +16,7 @@
 use crate::block::{Arena, Block, BlockId};
 use crate::config::AllocatorConfig;
 use crate::device::{Device, DeviceError, StreamId};
-use crate::error::{AllocError, OutOfMemory};
+use crate::error::{fraction_hint, AllocError, OutOfMemory};
 use crate::events::PendingFrees;
 use crate::expandable::ExpandableSegment;
 use crate::history::{Action, History};
@@ -407,12 +407,8 @@ impl<D: Device> Engine<D> {
         let largest_free_block =
             self.pools.iter().flat_map(|p| p.blocks.iter().map(|k| k.1)).max().unwrap_or(0);
         let unallocated = reserved.saturating_sub(allocated);
-        let hint = if let Some(max) = self.allowed_memory_maximum.filter(|&m| alloc_size <= free && m < total)
-        {
-            format!(
-                "The per-process memory fraction caps this process at {}, and the device itself has room: raise the fraction (set_per_process_memory_fraction or per_process_memory_fraction).",
-                size::format_size(max)
-            )
+        let hint = if let Some(h) = fraction_hint(self.allowed_memory_maximum, alloc_size, free, total) {
+            h
         } else if unallocated >= alloc_size || unallocated > reserved / 10 {
             if self.config.expandable_segments {
                 "Reserved but unallocated memory is large: the free pieces are too small for this request. Free tensors you no longer need, or set max_split_size_mb to keep large blocks whole.".to_string()

@@ -36,6 +36,16 @@ pub struct OutOfMemory {
     pub hint: String,
 }
 
+/// The hint for an out-of-memory error caused by the per-process memory fraction rather than
+/// the device: `allowed` is below the device's `total`, and the device has the `need`ed bytes.
+pub(crate) fn fraction_hint(allowed: Option<u64>, need: u64, free: u64, total: u64) -> Option<String> {
+    let max = allowed.filter(|&m| m < total && need <= free)?;
+    Some(format!(
+        "The per-process memory fraction caps this process at {}, and the device itself has room: raise the fraction (set_per_process_memory_fraction or per_process_memory_fraction).",
+        format_size(max)
+    ))
+}
+
 impl OutOfMemory {
     /// Reserved but unallocated bytes: the cache, after every releasable block was released.
     pub fn reserved_unallocated(&self) -> u64 {

@@ -2,7 +2,7 @@
 //! `empty_cache`. See `packed.rs` for the design.
 
 use crate::device::{Device, StreamId};
-use crate::error::{AllocError, OutOfMemory};
+use crate::error::{fraction_hint, AllocError, OutOfMemory};
 use crate::history::Action;
 use crate::packed::{Packed, Piece, Used};
 use crate::size::{self, MAX_REQUEST};
@@ -376,16 +376,13 @@ impl<D: Device> Packed<D> {
         let reserved = self.mapped_bytes;
         let largest_free_block = self.free.iter().map(|k| k.1).max().unwrap_or(0);
         let non_releasable = reserved.saturating_sub(active + self.idle_bytes);
-        let hint = match self.allowed_memory_maximum {
-            Some(max) if max < total && need <= free => format!(
-                "The per-process memory fraction caps this process at {}, and the device itself has room: raise the fraction.",
-                size::format_size(max)
-            ),
-            _ if reserved > allocated + allocated / 10 => format!(
+        let hint = match fraction_hint(self.allowed_memory_maximum, need, free, total) {
+            Some(h) => h,
+            None if reserved > allocated + allocated / 10 => format!(
                 "{} of the reserved memory is free but shares physical chunks with live tensors, so it can be neither given back nor used for this request: free tensors you no longer need, use a smaller batch, or try compact_factor:2 (fewer shared chunks, more driver calls).",
                 size::format_size(non_releasable)
             ),
-            _ => "Live tensors hold nearly all of this memory: free tensors you no longer need, use a smaller batch, or look for leaks with a snapshot.".to_string(),
+            None => "Live tensors hold nearly all of this memory: free tensors you no longer need, use a smaller batch, or look for leaks with a snapshot.".to_string(),
         };
         AllocError::OutOfMemory(Box::new(OutOfMemory {
             device: self.device.index(),
