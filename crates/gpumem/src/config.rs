@@ -214,12 +214,7 @@ impl AllocatorConfig {
             "compact_factor" => self.compact_factor = parse_u64(key, &t.next(key)?)?,
             "policy" => {
                 let v = t.next(key)?;
-                self.policy = Some(match v.as_str() {
-                    "torch" => PolicyKind::Torch,
-                    "torch-expandable" => PolicyKind::TorchExpandable,
-                    "gpumem" => PolicyKind::Gpumem,
-                    _ => return err(format!("policy must be torch, torch-expandable or gpumem, not '{v}'")),
-                });
+                self.policy = Some(kind_from_name(&v)?);
             }
             "expandable_segments" => self.expandable_segments = parse_bool(key, &t.next(key)?)?,
             "large_segment_size_mb" => {
@@ -353,6 +348,14 @@ pub enum PolicyKind {
     Gpumem,
 }
 
+/// The policy called `name` (one of [`Policy::NAMES`]).
+fn kind_from_name(name: &str) -> Result<PolicyKind, ConfigError> {
+    [PolicyKind::Torch, PolicyKind::TorchExpandable, PolicyKind::Gpumem]
+        .into_iter()
+        .find(|&k| Policy::kind_name(k) == name)
+        .map_or_else(|| err(format!("unknown policy '{name}' (known: {})", Policy::NAMES.join(", "))), Ok)
+}
+
 /// Options that only PyTorch's algorithm has.
 const TORCH_ONLY: &[&str] = &[
     "max_split_size_mb",
@@ -420,15 +423,10 @@ impl Policy {
     pub fn parse(s: &str) -> Result<Policy, ConfigError> {
         let (name, opts) = s.split_once(':').unwrap_or((s, ""));
         let mut config = AllocatorConfig::parse(opts)?;
-        let kind = match name.trim() {
-            "gpumem" => PolicyKind::Gpumem,
-            "torch" => PolicyKind::Torch,
-            "torch-expandable" => {
-                config.expandable_segments = true;
-                PolicyKind::TorchExpandable
-            }
-            other => return err(format!("unknown policy '{other}' (known: {})", Policy::NAMES.join(", "))),
-        };
+        let kind = kind_from_name(name.trim())?;
+        if kind == PolicyKind::TorchExpandable {
+            config.expandable_segments = true;
+        }
         if let Some(p) = config.policy.filter(|&p| p != kind) {
             return err(format!("the policy is named twice: '{name}' and policy:{}", Policy::kind_name(p)));
         }
@@ -546,6 +544,14 @@ mod tests {
             PolicyKind::TorchExpandable
         );
         assert!(Policy::parse("tensorflow").is_err());
+        assert!(AllocatorConfig::parse("policy:tensorflow").is_err());
+        for name in Policy::NAMES {
+            assert_eq!(Policy::parse(name).unwrap().name(), *name);
+            assert_eq!(
+                AllocatorConfig::parse(&format!("policy:{name}")).unwrap().policy.map(Policy::kind_name),
+                Some(*name)
+            );
+        }
         assert_eq!(Policy::parse("gpumem").unwrap().kind, PolicyKind::Gpumem);
         assert!(Policy::parse("gpumem:max_split_size_mb:128").is_err(), "torch-only options are refused");
         assert!(Policy::parse("gpumem:roundup_power2_divisions:4").is_ok());
