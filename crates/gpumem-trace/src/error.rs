@@ -26,13 +26,22 @@ pub struct TraceError {
     pub message: String,
 }
 
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::File => write!(f, "file"),
+            Location::Line(n) => write!(f, "line {n}"),
+            Location::Byte(n) => write!(f, "byte {n}"),
+            Location::Entry(n) => write!(f, "trace entry {n}"),
+        }
+    }
+}
+
 impl fmt::Display for TraceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.location {
             Location::File => write!(f, "{}: {}", self.path, self.message),
-            Location::Line(n) => write!(f, "{}: line {}: {}", self.path, n, self.message),
-            Location::Byte(n) => write!(f, "{}: byte {}: {}", self.path, n, self.message),
-            Location::Entry(n) => write!(f, "{}: trace entry {}: {}", self.path, n, self.message),
+            at => write!(f, "{}: {at}: {}", self.path, self.message),
         }
     }
 }

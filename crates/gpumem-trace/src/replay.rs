@@ -161,19 +161,10 @@ pub enum ReplayError {
     Alloc(#[from] AllocError),
 }
 
-fn origin(s: &Skip) -> String {
-    match s.event.origin {
-        crate::error::Location::Line(n) => format!("line {n}"),
-        crate::error::Location::Entry(n) => format!("trace entry {n}"),
-        crate::error::Location::Byte(n) => format!("byte {n}"),
-        crate::error::Location::File => "file".into(),
-    }
-}
-
 fn inconsistent(trace: &Trace, s: &Skip) -> ReplayError {
     ReplayError::Inconsistent {
         trace: trace.name(),
-        origin: origin(s),
+        origin: s.event.origin.to_string(),
         reason: s.reason,
         action: s.event.action.name(),
         addr: s.event.addr,
