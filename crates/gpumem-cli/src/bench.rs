@@ -17,19 +17,15 @@ struct Row {
     unit: &'static str,
 }
 
-fn work<E: std::fmt::Display>(e: E) -> Failure {
-    Failure::Work(e.to_string())
-}
-
 /// ns per alloc+free pair of `size` bytes on a warm cache.
 fn hit_ns<D: Device>(a: &Allocator<D>, size: u64, stream: StreamId) -> Result<f64, Failure> {
-    let warm = a.malloc(size, stream).map_err(work)?;
-    a.free(warm).map_err(work)?;
+    let warm = a.malloc(size, stream).map_err(Failure::work)?;
+    a.free(warm).map_err(Failure::work)?;
     let n = 200_000;
     let t = Instant::now();
     for _ in 0..n {
-        let p = a.malloc(size, stream).map_err(work)?;
-        a.free(p).map_err(work)?;
+        let p = a.malloc(size, stream).map_err(Failure::work)?;
+        a.free(p).map_err(Failure::work)?;
     }
     Ok(t.elapsed().as_nanos() as f64 / n as f64)
 }
@@ -67,8 +63,8 @@ fn allocator_benches<D: Device + 'static>(
     rows: &mut Vec<Row>,
 ) -> Result<(), Failure> {
     for name in Policy::NAMES {
-        let policy = Policy::parse(name).map_err(work)?;
-        let a = Arc::new(Allocator::with_policy(make()?, &policy).map_err(work)?);
+        let policy = Policy::parse(name).map_err(Failure::work)?;
+        let a = Arc::new(Allocator::with_policy(make()?, &policy).map_err(Failure::work)?);
         for (label, size) in [("512B", 512u64), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] {
             let v = hit_ns(&a, size, StreamId::DEFAULT)?;
             rows.push(Row {
@@ -91,7 +87,7 @@ fn allocator_benches<D: Device + 'static>(
             });
             t *= 2;
         }
-        a.empty_cache().map_err(work)?;
+        a.empty_cache().map_err(Failure::work)?;
     }
     Ok(())
 }
@@ -113,30 +109,30 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
     for size in [2 * MIB, 400 * MIB] {
         let mut ptrs = Vec::new();
         let a = time_us(16, |_| {
-            ptrs.push(d.malloc(size).map_err(work)?);
+            ptrs.push(d.malloc(size).map_err(Failure::work)?);
             Ok(())
         })?;
-        let f = time_us(16, |i| d.free(ptrs[i]).map_err(work))?;
+        let f = time_us(16, |i| d.free(ptrs[i]).map_err(Failure::work))?;
         put(format!("cuMemAlloc_{}MiB", size / MIB), a);
         put(format!("cuMemFree_{}MiB", size / MIB), f);
     }
-    let va = d.reserve(8 << 30).map_err(work)?;
+    let va = d.reserve(8 << 30).map_err(Failure::work)?;
     for (size, n) in [(2 * MIB, 128usize), (32 * MIB, 32), (256 * MIB, 8), (1024 * MIB, 4)] {
-        let m = time_us(n, |i| d.map(va + i as u64 * size, size).map_err(work))?;
-        d.synchronize_stream(StreamId::DEFAULT).map_err(work)?;
-        let u = time_us(n, |i| d.unmap(va + i as u64 * size, size).map_err(work))?;
+        let m = time_us(n, |i| d.map(va + i as u64 * size, size).map_err(Failure::work))?;
+        d.synchronize_stream(StreamId::DEFAULT).map_err(Failure::work)?;
+        let u = time_us(n, |i| d.unmap(va + i as u64 * size, size).map_err(Failure::work))?;
         put(format!("map_{}MiB", size / MIB), m);
         put(format!("unmap_{}MiB", size / MIB), u);
     }
-    d.unreserve(va, 8 << 30).map_err(work)?;
-    let e = d.create_event().map_err(work)?;
-    let r = time_us(1000, |_| d.record_event(e, StreamId::DEFAULT).map_err(work))?;
-    let q = time_us(1000, |_| d.query_event(e).map(|_| ()).map_err(work))?;
-    let s = time_us(100, |_| d.synchronize_stream(StreamId::DEFAULT).map_err(work))?;
+    d.unreserve(va, 8 << 30).map_err(Failure::work)?;
+    let e = d.create_event().map_err(Failure::work)?;
+    let r = time_us(1000, |_| d.record_event(e, StreamId::DEFAULT).map_err(Failure::work))?;
+    let q = time_us(1000, |_| d.query_event(e).map(|_| ()).map_err(Failure::work))?;
+    let s = time_us(100, |_| d.synchronize_stream(StreamId::DEFAULT).map_err(Failure::work))?;
     put("cuEventRecord".into(), r);
     put("cuEventQuery".into(), q);
     put("cuStreamSynchronize_idle".into(), s);
-    d.destroy_event(e).map_err(work)?;
+    d.destroy_event(e).map_err(Failure::work)?;
     Ok(())
 }
 
@@ -148,11 +144,11 @@ pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
         DeviceChoice::Auto => CudaDevice::new(0).is_ok(),
     };
     if use_cuda {
-        let dev = CudaDevice::new(0).map_err(work)?;
+        let dev = CudaDevice::new(0).map_err(Failure::work)?;
         let owned: Vec<_> = (0..a.threads)
             .map(|_| dev.context().new_stream())
             .collect::<Result<_, _>>()
-            .map_err(|e| work(format!("{e:?}")))?;
+            .map_err(|e| Failure::work(format!("{e:?}")))?;
         let streams: Vec<StreamId> = owned.iter().map(|s| StreamId(s.cu_stream() as u64)).collect();
         let make = || Ok(dev.clone());
         allocator_benches(&make, "cuda", &streams, &mut rows)?;

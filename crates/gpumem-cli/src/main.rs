@@ -21,9 +21,21 @@ pub(crate) enum Failure {
     Work(String),
 }
 
+impl Failure {
+    /// Bad input or usage, from any error.
+    pub(crate) fn input(e: impl std::fmt::Display) -> Failure {
+        Failure::Input(e.to_string())
+    }
+
+    /// Failed work, from any error.
+    pub(crate) fn work(e: impl std::fmt::Display) -> Failure {
+        Failure::Work(e.to_string())
+    }
+}
+
 impl From<gpumem_trace::TraceError> for Failure {
     fn from(e: gpumem_trace::TraceError) -> Self {
-        Failure::Input(e.to_string())
+        Failure::input(e)
     }
 }
 

@@ -4,9 +4,7 @@ use crate::args::{DeviceChoice, ReplayArgs, SummaryArgs};
 use crate::units::{gib, parse_size};
 use crate::Failure;
 use gpumem::{Policy, SimDevice, H100_CAPACITY};
-use gpumem_trace::{
-    read_trace, replay, replay_into, CudaReplayDevice, ReplayError, ReplayOptions, ReplayReport, Trace,
-};
+use gpumem_trace::{read_trace, replay, replay_into, CudaReplayDevice, ReplayOptions, ReplayReport, Trace};
 use std::io::IsTerminal;
 
 /// Runs with more ops than this show a progress bar (on a terminal, without --json).
@@ -15,7 +13,7 @@ const PROGRESS_MIN_OPS: usize = 200_000;
 fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
     let names: Vec<String> =
         if names.is_empty() { Policy::NAMES.iter().map(|s| s.to_string()).collect() } else { names.to_vec() };
-    names.iter().map(|n| Policy::parse(n).map_err(|e| Failure::Input(e.to_string()))).collect()
+    names.iter().map(|n| Policy::parse(n).map_err(Failure::input)).collect()
 }
 
 fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
@@ -23,10 +21,6 @@ fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
         None => Ok(H100_CAPACITY),
         Some(s) => parse_size(s).map_err(Failure::Input),
     }
-}
-
-fn replay_error(e: ReplayError) -> Failure {
-    Failure::Work(e.to_string())
 }
 
 fn progress_bar(trace: &Trace, policy: &Policy, show: bool) -> Option<indicatif::ProgressBar> {
@@ -70,11 +64,11 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
             let report = match a.device {
                 DeviceChoice::Sim => replay(&trace, policy, SimDevice::new(cap), &opts, &mut tick),
                 DeviceChoice::Cuda | DeviceChoice::Auto => {
-                    let dev = CudaReplayDevice::new(0).map_err(|e| Failure::Work(e.to_string()))?;
+                    let dev = CudaReplayDevice::new(0).map_err(Failure::work)?;
                     replay(&trace, policy, dev, &opts, &mut tick)
                 }
             }
-            .map_err(replay_error)?;
+            .map_err(Failure::work)?;
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
@@ -192,13 +186,14 @@ fn dump_snapshot(path: &str, policy: &Policy, cap: u64, a: &ReplayArgs, out: &st
     let report = match a.device {
         DeviceChoice::Sim => {
             let (r, alloc) = replay_into(&trace, policy, SimDevice::new(cap), &opts, &mut |_, _| {})
-                .map_err(replay_error)?;
+                .map_err(Failure::work)?;
             write(alloc.snapshot(), alloc.history())?;
             r
         }
         DeviceChoice::Cuda | DeviceChoice::Auto => {
-            let dev = CudaReplayDevice::new(0).map_err(|e| Failure::Work(e.to_string()))?;
-            let (r, alloc) = replay_into(&trace, policy, dev, &opts, &mut |_, _| {}).map_err(replay_error)?;
+            let dev = CudaReplayDevice::new(0).map_err(Failure::work)?;
+            let (r, alloc) =
+                replay_into(&trace, policy, dev, &opts, &mut |_, _| {}).map_err(Failure::work)?;
             write(alloc.snapshot(), alloc.history())?;
             r
         }
@@ -213,19 +208,19 @@ fn dump_snapshot(path: &str, policy: &Policy, cap: u64, a: &ReplayArgs, out: &st
 }
 
 pub(crate) fn run_summary(a: &SummaryArgs) -> Result<(), Failure> {
-    let policy = Policy::parse(&a.policy).map_err(|e| Failure::Input(e.to_string()))?;
+    let policy = Policy::parse(&a.policy).map_err(Failure::input)?;
     let cap = capacity(&a.capacity)?;
     let trace = read_trace(&a.trace)?;
     let stop_after = if a.at_end {
         None
     } else {
         let first = replay(&trace, &policy, SimDevice::new(cap), &ReplayOptions::default(), &mut |_, _| {})
-            .map_err(replay_error)?;
+            .map_err(Failure::work)?;
         Some(first.peak_op)
     };
     let opts = ReplayOptions { stop_after, ..Default::default() };
     let (report, alloc) =
-        replay_into(&trace, &policy, SimDevice::new(cap), &opts, &mut |_, _| {}).map_err(replay_error)?;
+        replay_into(&trace, &policy, SimDevice::new(cap), &opts, &mut |_, _| {}).map_err(Failure::work)?;
     let when = match stop_after {
         Some(n) => format!(
             "at its peak of live bytes ({} live, after op {n} of the trace)",

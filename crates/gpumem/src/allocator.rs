@@ -104,9 +104,7 @@ impl<D: Device> Allocator<D> {
     /// An allocator over `device` with these options: PyTorch's algorithm unless the options
     /// name another policy (`policy:gpumem`).
     pub fn new(device: D, mut config: AllocatorConfig) -> Result<Allocator<D>, AllocError> {
-        let kind = config.policy_or(PolicyKind::Torch);
-        config.check_for(kind)?;
-        config.policy = Some(kind);
+        let kind = config.settle_policy(PolicyKind::Torch)?;
         if kind == PolicyKind::TorchExpandable {
             config.expandable_segments = true;
         }

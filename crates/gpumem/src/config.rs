@@ -383,6 +383,15 @@ impl AllocatorConfig {
         default
     }
 
+    /// Settles the policy: the one these options ask for, with `default` as in
+    /// [`AllocatorConfig::policy_or`], checked against the options and recorded in `policy`.
+    pub fn settle_policy(&mut self, default: PolicyKind) -> Result<PolicyKind, ConfigError> {
+        let kind = self.policy_or(default);
+        self.check_for(kind)?;
+        self.policy = Some(kind);
+        Ok(kind)
+    }
+
     /// Checks that every option applies to `kind`.
     pub fn check_for(&self, kind: PolicyKind) -> Result<(), ConfigError> {
         if kind != PolicyKind::Gpumem && self.keys.iter().any(|k| k == "compact_factor") {

@@ -32,7 +32,7 @@ pub fn allocator(device: usize) -> Result<Arc<CudaAllocator>, AllocError> {
         return Ok(a.clone());
     }
     let mut config = AllocatorConfig::from_env()?;
-    config.policy = Some(config.policy_or(PolicyKind::Gpumem));
+    config.settle_policy(PolicyKind::Gpumem)?;
     let a = Arc::new(Allocator::new(CudaDevice::new(device)?, config)?);
     if all.len() <= device {
         all.resize(device + 1, None);
