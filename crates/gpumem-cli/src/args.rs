@@ -49,8 +49,8 @@ pub(crate) struct ReplayArgs {
     /// Trace files: JSON lines (plain or gzip'd), PyTorch snapshot pickles, or RMM log CSV
     #[arg(required = true)]
     pub traces: Vec<String>,
-    /// Policy to replay with, repeatable: torch, torch-expandable, optionally with options
-    /// (torch:max_split_size_mb:128). Default: every policy
+    /// Policy to replay with, repeatable: torch, torch-expandable or gpumem, optionally with
+    /// options (torch:max_split_size_mb:128). Default: all three
     #[arg(long = "policy", short = 'p')]
     pub policies: Vec<String>,
     /// Device to replay on

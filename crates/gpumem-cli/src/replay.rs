@@ -4,11 +4,13 @@ use crate::args::{DeviceChoice, ReplayArgs, SummaryArgs};
 use crate::units::{gib, parse_size};
 use crate::Failure;
 use gpumem::{Policy, SimDevice, H100_CAPACITY};
-use gpumem_trace::{read_trace, replay, replay_into, CudaReplayDevice, ReplayOptions, ReplayReport, Trace};
+use gpumem_trace::{
+    read_trace, replay, replay_into, CudaReplayDevice, ReplayDevice, ReplayOptions, ReplayReport, Trace,
+};
 use std::io::IsTerminal;
 
-/// Runs with more ops than this show a progress bar (on a terminal, without --json).
-const PROGRESS_MIN_OPS: usize = 200_000;
+/// Traces of more events than this show a progress bar (on a terminal, without --json).
+const PROGRESS_MIN_EVENTS: usize = 200_000;
 
 fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
     let names: Vec<String> =
@@ -24,7 +26,7 @@ fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
 }
 
 fn progress_bar(trace: &Trace, policy: &Policy, show: bool) -> Option<indicatif::ProgressBar> {
-    if !show || trace.events.len() < PROGRESS_MIN_OPS {
+    if !show || trace.events.len() < PROGRESS_MIN_EVENTS {
         return None;
     }
     let bar = indicatif::ProgressBar::new(1);
@@ -176,26 +178,11 @@ fn dump_snapshot(path: &str, policy: &Policy, cap: u64, a: &ReplayArgs, out: &st
         std::fs::File::create(out).map_err(|e| Failure::Input(format!("{out}: cannot create: {e}")))?;
     let opts =
         ReplayOptions { verify: a.verify, strict: a.strict, record_history: true, ..Default::default() };
-    let write =
-        |segments: Vec<gpumem::SegmentInfo>, history: Vec<gpumem::TraceEntry>| -> Result<(), Failure> {
-            let mut w = std::io::BufWriter::new(file);
-            gpumem_trace::write_snapshot(&segments, &history, 0, &policy.to_string(), &mut w)
-                .map_err(|e| Failure::Work(format!("{out}: {e}")))?;
-            std::io::Write::flush(&mut w).map_err(|e| Failure::Work(format!("{out}: {e}")))
-        };
     let report = match a.device {
-        DeviceChoice::Sim => {
-            let (r, alloc) = replay_into(&trace, policy, SimDevice::new(cap), &opts, &mut |_, _| {})
-                .map_err(Failure::work)?;
-            write(alloc.snapshot(), alloc.history())?;
-            r
-        }
+        DeviceChoice::Sim => replay_and_write(&trace, policy, SimDevice::new(cap), &opts, file, out)?,
         DeviceChoice::Cuda | DeviceChoice::Auto => {
             let dev = CudaReplayDevice::new(0).map_err(Failure::work)?;
-            let (r, alloc) =
-                replay_into(&trace, policy, dev, &opts, &mut |_, _| {}).map_err(Failure::work)?;
-            write(alloc.snapshot(), alloc.history())?;
-            r
+            replay_and_write(&trace, policy, dev, &opts, file, out)?
         }
     };
     if a.json {
@@ -205,6 +192,24 @@ fn dump_snapshot(path: &str, policy: &Policy, cap: u64, a: &ReplayArgs, out: &st
         println!("snapshot written to {out} (open it at pytorch.org/memory_viz)");
     }
     Ok(())
+}
+
+/// Replays on `device` and writes the allocator's state and history to `file` (named `out`).
+fn replay_and_write<D: ReplayDevice + 'static>(
+    trace: &Trace,
+    policy: &Policy,
+    device: D,
+    opts: &ReplayOptions,
+    file: std::fs::File,
+    out: &str,
+) -> Result<ReplayReport, Failure> {
+    let (report, alloc) = replay_into(trace, policy, device, opts, &mut |_, _| {}).map_err(Failure::work)?;
+    let failed = |e: &dyn std::fmt::Display| Failure::Work(format!("{out}: {e}"));
+    let mut w = std::io::BufWriter::new(file);
+    gpumem_trace::write_snapshot(&alloc.snapshot(), &alloc.history(), 0, &policy.to_string(), &mut w)
+        .map_err(|e| failed(&e))?;
+    std::io::Write::flush(&mut w).map_err(|e| failed(&e))?;
+    Ok(report)
 }
 
 pub(crate) fn run_summary(a: &SummaryArgs) -> Result<(), Failure> {
