@@ -79,7 +79,7 @@ pub(crate) fn pool_index(kind: PoolKind) -> usize {
 impl<D: Device> Engine<D> {
     pub(crate) fn new(device: D, config: AllocatorConfig) -> Result<Engine<D>, AllocError> {
         let (_, total) = device.mem_get_info()?;
-        let e = Engine {
+        Ok(Engine {
             device,
             stats: DeviceStats { max_split_size: config.max_split_size_stat(), ..Default::default() },
             config,
@@ -92,8 +92,7 @@ impl<D: Device> Engine<D> {
             segments: Vec::new(),
             history: History::default(),
             device_total: total,
-        };
-        Ok(e)
+        })
     }
 
     pub(crate) fn pool(&self, kind: PoolKind) -> &BlockPool {

@@ -27,33 +27,37 @@ static ALLOCATORS: Mutex<Vec<Option<Arc<CudaAllocator>>>> = Mutex::new(Vec::new(
 /// `GPUMEM_ALLOC_CONF`: the `gpumem` policy unless they name another (or hold options only
 /// PyTorch's algorithm has, which select `torch`).
 pub fn allocator(device: usize) -> Result<Arc<CudaAllocator>, AllocError> {
-    let mut all = ALLOCATORS.lock();
-    if let Some(Some(a)) = all.get(device) {
-        return Ok(a.clone());
-    }
-    let mut config = AllocatorConfig::from_env()?;
-    config.settle_policy(PolicyKind::Gpumem)?;
-    let a = Arc::new(Allocator::new(CudaDevice::new(device)?, config)?);
-    if all.len() <= device {
-        all.resize(device + 1, None);
-    }
-    all[device] = Some(a.clone());
-    Ok(a)
+    get_or_create(device, || {
+        let mut config = AllocatorConfig::from_env()?;
+        config.settle_policy(PolicyKind::Gpumem)?;
+        Allocator::new(CudaDevice::new(device)?, config)
+    })
+    .map(|(a, _)| a)
 }
 
 /// Sets the allocator of GPU `device` to a new one with `policy`, if none exists yet.
 /// Returns false if the device already has an allocator (it cannot be swapped once used).
 pub fn init_with_policy(device: usize, policy: &Policy) -> Result<bool, AllocError> {
+    get_or_create(device, || Allocator::with_policy(CudaDevice::new(device)?, policy))
+        .map(|(_, created)| created)
+}
+
+/// The allocator of `device`, created by `make` and installed if there is none yet; and
+/// whether it was created now.
+fn get_or_create(
+    device: usize,
+    make: impl FnOnce() -> Result<CudaAllocator, AllocError>,
+) -> Result<(Arc<CudaAllocator>, bool), AllocError> {
     let mut all = ALLOCATORS.lock();
-    if matches!(all.get(device), Some(Some(_))) {
-        return Ok(false);
+    if let Some(Some(a)) = all.get(device) {
+        return Ok((a.clone(), false));
     }
-    let a = Arc::new(Allocator::with_policy(CudaDevice::new(device)?, policy)?);
+    let a = Arc::new(make()?);
     if all.len() <= device {
         all.resize(device + 1, None);
     }
-    all[device] = Some(a);
-    Ok(true)
+    all[device] = Some(a.clone());
+    Ok((a, true))
 }
 
 fn existing(device: usize) -> Option<Arc<CudaAllocator>> {

@@ -125,7 +125,7 @@ impl<D: Device> Packed<D> {
         // holes left by recycling never run the range out.
         let va_size = (total.saturating_mul(4)).div_ceil(page) * page;
         let base = device.reserve(va_size)?;
-        let p = Packed {
+        Ok(Packed {
             device,
             stats: DeviceStats { max_split_size: config.max_split_size_stat(), ..Default::default() },
             config,
@@ -151,8 +151,7 @@ impl<D: Device> Packed<D> {
             mapped_bytes: 0,
             high_water: 0,
             pending: PendingFrees::default(),
-        };
-        Ok(p)
+        })
     }
 
     // ---- pieces ----
@@ -261,6 +260,12 @@ impl<D: Device> Packed<D> {
 
     // ---- chunks ----
 
+    /// The indexes into `page_chunk` of the pages of `start..start + size` (page-aligned).
+    fn pages(&self, start: u64, size: u64) -> std::ops::Range<usize> {
+        let first = ((start - self.base) / self.page) as usize;
+        first..first + (size / self.page) as usize
+    }
+
     pub(crate) fn chunk_at(&self, addr: u64) -> Option<u32> {
         let i = ((addr - self.base) / self.page) as usize;
         self.page_chunk.get(i).copied().filter(|&c| c > 0).map(|c| c - 1)
@@ -321,11 +326,11 @@ impl<D: Device> Packed<D> {
                 (self.chunks.len() - 1) as u32
             }
         };
-        let (first, n) = (((start - self.base) / self.page) as usize, (size / self.page) as usize);
-        if self.page_chunk.len() < first + n {
-            self.page_chunk.resize(first + n, 0);
+        let pages = self.pages(start, size);
+        if self.page_chunk.len() < pages.end {
+            self.page_chunk.resize(pages.end, 0);
         }
-        self.page_chunk[first..first + n].fill(c + 1);
+        self.page_chunk[pages].fill(c + 1);
         // a fresh chunk is idle until the block it was mapped for is placed on it
         self.tick += 1;
         let ch = self.chunks[c as usize].as_mut().unwrap();
@@ -361,8 +366,8 @@ impl<D: Device> Packed<D> {
         self.idle_bytes -= ch.size;
         self.mapped_bytes -= ch.size;
         self.vacant_chunks.push(c);
-        let (first, n) = (((ch.start - self.base) / self.page) as usize, (ch.size / self.page) as usize);
-        self.page_chunk[first..first + n].fill(0);
+        let pages = self.pages(ch.start, ch.size);
+        self.page_chunk[pages].fill(0);
         self.stats.reserved_bytes.decrease(PoolKind::Large, ch.size);
         self.stats.num_device_free += 1;
         self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
