@@ -15,10 +15,6 @@ fn allocator(dev: CudaDevice, conf: &str) -> Arc<CudaAllocator> {
     Arc::new(Allocator::new(dev, AllocatorConfig::parse(conf).unwrap()).unwrap())
 }
 
-fn check_consistent<D: Device>(a: &Allocator<D>) {
-    a.check_stats().unwrap();
-}
-
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
@@ -64,13 +60,13 @@ fn gpu_engine_invariants_hold_on_the_real_device() {
                 }
                 _ => a.empty_cache().unwrap(),
             }
-            check_consistent(&a);
+            a.check_stats().unwrap();
         }
         for p in live.drain(..) {
             a.free(p).unwrap();
         }
         a.empty_cache().unwrap();
-        check_consistent(&a);
+        a.check_stats().unwrap();
         assert_eq!(a.memory_reserved(), 0, "{conf}");
         let (free1, _) = dev.mem_get_info().unwrap();
         assert!(free1 + (4 << 20) >= free0, "{conf}: driver free memory came back ({free0} -> {free1})");

@@ -15,10 +15,6 @@ fn setup_cap(conf: &str, cap: u64) -> (SimDevice, Allocator<SimDevice>) {
     (sim, a)
 }
 
-fn check_consistent(a: &Allocator<SimDevice>) {
-    a.check_stats().unwrap();
-}
-
 #[test]
 fn one_mib_plus_one_takes_a_20_mib_segment() {
     let (sim, a) = setup("");
@@ -30,7 +26,7 @@ fn one_mib_plus_one_takes_a_20_mib_segment() {
     let s = a.stats();
     assert_eq!(s.inactive_split.all().current, 1);
     assert_eq!(s.inactive_split_bytes.all().current as u64, 20 * MIB - (MIB + 512));
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -53,7 +49,7 @@ fn small_requests_share_2_mib_segments() {
     assert_eq!(a.stats().allocated_bytes.small().current, 1536);
     a.malloc(MIB, S0).unwrap();
     assert_eq!(a.memory_reserved(), 2 * MIB);
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -67,7 +63,7 @@ fn best_fit_is_smallest_then_lowest_address() {
     // 11 MiB fits both; the 12 MiB block is the smaller one
     let p = a.malloc(11 * MIB, S0).unwrap();
     assert_eq!(p, mid);
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -84,7 +80,7 @@ fn large_blocks_split_only_with_more_than_1_mib_left() {
     let r = a.malloc(10 * MIB, S0).unwrap();
     assert_eq!(a.memory_allocated(), 10 * MIB);
     assert_eq!(r, p);
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -104,7 +100,7 @@ fn freed_neighbours_coalesce() {
     assert_eq!(snap.len(), 1);
     assert_eq!(snap[0].blocks.len(), 1);
     assert_eq!(snap[0].blocks[0].size, 20 * MIB);
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -142,7 +138,7 @@ fn max_split_size_keeps_oversize_blocks_whole() {
     a.free(p).unwrap();
     let q = a.malloc(80 * MIB, S0).unwrap();
     assert_ne!(q, big, "100 MiB >= 80 MiB + 20 MiB: too much slack");
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -176,7 +172,7 @@ fn oom_frees_oversize_blocks_then_everything_then_reports() {
     a.free(q).unwrap();
     let r = a.malloc(60 * MIB, S0).unwrap();
     a.free(r).unwrap();
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -217,7 +213,7 @@ fn misuse_is_an_error_that_changes_nothing() {
     assert!(matches!(a.malloc(1 << 62, S0), Err(AllocError::TooLarge(_))));
     assert_eq!(a.malloc(0, S0).unwrap(), 0);
     a.free(0).unwrap();
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -243,7 +239,7 @@ fn record_stream_delays_reuse_until_the_event_completes() {
     assert_eq!(s.allocated_bytes.all().current, 0);
     assert_eq!(s.active_bytes.all().current as u64, 8 * MIB, "pending free stays active");
     assert_eq!(a.snapshot()[0].blocks[0].state, gpumem::BlockState::ActivePendingFree);
-    check_consistent(&a);
+    a.check_stats().unwrap();
     let q = a.malloc(8 * MIB, S0).unwrap();
     assert_ne!(q, p, "the side stream may still read p");
     sim.complete_stream(side);
@@ -251,7 +247,7 @@ fn record_stream_delays_reuse_until_the_event_completes() {
     let r = a.malloc(8 * MIB, S0).unwrap();
     assert_eq!(r, p, "after the event completes, p is reused");
     assert_eq!(a.stats().active_bytes.all().current as u64, 8 * MIB);
-    check_consistent(&a);
+    a.check_stats().unwrap();
 }
 
 #[test]
@@ -322,12 +318,12 @@ fn expandable_segments_grow_by_pages_and_unmap_free_pages() {
     let s = a.stats();
     assert_eq!(s.segment.all().current, 0, "expandable memory is not counted as segments");
     assert_eq!(s.num_device_alloc, 2);
-    check_consistent(&a);
+    a.check_stats().unwrap();
     a.free(p).unwrap();
     a.empty_cache().unwrap();
     // p covered [0, 30): page 0 is wholly free and is unmapped; page 1 still holds q's start
     assert_eq!(a.memory_reserved(), 40 * MIB);
-    check_consistent(&a);
+    a.check_stats().unwrap();
     a.free(q).unwrap();
     a.empty_cache().unwrap();
     assert_eq!(a.memory_reserved(), 0);
