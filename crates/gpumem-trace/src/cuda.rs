@@ -73,6 +73,9 @@ impl Device for CudaReplayDevice {
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         self.dev.unmap(ptr, size)
     }
+    fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
+        self.dev.remap(ptr, size, keep)
+    }
     fn create_event(&self) -> Result<EventId, DeviceError> {
         self.dev.create_event()
     }

@@ -50,6 +50,10 @@ pub struct AllocatorConfig {
     /// about to land in it is unmapped first, so the block does not pin it (`compact_factor`;
     /// 0, the default, never does).
     pub compact_factor: u64,
+    /// `gpumem` policy only: whether the free pages of chunks that still hold live blocks are
+    /// given back by moving the pages under the live blocks (`compaction`, default True; Note
+    /// [Compaction] in `compact.rs`).
+    pub compaction: bool,
     /// The keys that were set, in order.
     pub keys: Vec<String>,
     /// Keys PyTorch accepts that concern things gpumem does not manage (pinned host memory,
@@ -71,6 +75,7 @@ impl Default for AllocatorConfig {
             per_process_memory_fraction: None,
             policy: None,
             compact_factor: 0,
+            compaction: true,
             keys: Vec::new(),
             inert: Vec::new(),
             source: String::new(),
@@ -212,6 +217,7 @@ impl AllocatorConfig {
             }
             "roundup_power2_divisions" => self.parse_divisions(t)?,
             "compact_factor" => self.compact_factor = parse_u64(key, &t.next(key)?)?,
+            "compaction" => self.compaction = parse_bool(key, &t.next(key)?)?,
             "policy" => {
                 let v = t.next(key)?;
                 self.policy = Some(kind_from_name(&v)?);
@@ -268,7 +274,7 @@ impl AllocatorConfig {
                 return err(format!(
                     "unrecognized option '{key}' (known: max_split_size_mb, max_non_split_rounding_mb, \
                      garbage_collection_threshold, roundup_power2_divisions, expandable_segments, \
-                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, and PyTorch's pinned_* keys)"
+                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, and PyTorch's pinned_* keys)"
                 ))
             }
         }
@@ -394,8 +400,10 @@ impl AllocatorConfig {
 
     /// Checks that every option applies to `kind`.
     pub fn check_for(&self, kind: PolicyKind) -> Result<(), ConfigError> {
-        if kind != PolicyKind::Gpumem && self.keys.iter().any(|k| k == "compact_factor") {
-            return err("compact_factor applies to the gpumem policy only");
+        if let Some(k) = self.keys.iter().find(|k| *k == "compact_factor" || *k == "compaction") {
+            if kind != PolicyKind::Gpumem {
+                return err(format!("{k} applies to the gpumem policy only"));
+            }
         }
         if kind == PolicyKind::Gpumem {
             if let Some(k) = self.keys.iter().find(|k| TORCH_ONLY.contains(&k.as_str())) {

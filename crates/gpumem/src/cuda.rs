@@ -147,6 +147,43 @@ impl CudaDevice {
     fn count(&self, i: usize) {
         self.counters[i].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Creates a physical allocation of `size` bytes on this GPU.
+    fn create(&self, size: u64) -> Result<sys::CUmemGenericAllocationHandle, DeviceError> {
+        let prop = alloc_prop(self.ordinal);
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid property and out-pointer.
+        check("cuMemCreate", unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) })?;
+        Ok(handle)
+    }
+
+    /// Maps `handle` read-write at `ptr..ptr + size` (unmapped, inside a reservation).
+    fn map_handle(
+        &self,
+        ptr: u64,
+        size: u64,
+        handle: sys::CUmemGenericAllocationHandle,
+    ) -> Result<(), DeviceError> {
+        // SAFETY: ptr..ptr+size lies in a reservation and is unmapped (the engine's invariant).
+        check("cuMemMap", unsafe { sys::cuMemMap(ptr, size as usize, 0, handle, 0) })?;
+        let desc = sys::CUmemAccessDesc {
+            location: location(self.ordinal),
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range was just mapped.
+        let r = check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(ptr, size as usize, &desc, 1) });
+        if r.is_err() {
+            // SAFETY: undo the mapping made above.
+            unsafe { sys::cuMemUnmap(ptr, size as usize) };
+        }
+        r
+    }
+}
+
+/// Drops our reference to a physical allocation; its mappings keep the memory.
+fn release(handle: sys::CUmemGenericAllocationHandle) -> Result<(), DeviceError> {
+    // SAFETY: the handle is ours.
+    check("cuMemRelease", unsafe { sys::cuMemRelease(handle) })
 }
 
 impl Device for CudaDevice {
@@ -203,32 +240,76 @@ impl Device for CudaDevice {
 
     fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        let prop = alloc_prop(self.ordinal);
-        let mut handle: sys::CUmemGenericAllocationHandle = 0;
-        // SAFETY: valid property and out-pointer.
-        check("cuMemCreate", unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) })?;
-        // SAFETY: ptr..ptr+size lies in a reservation and is unmapped (the engine's invariant).
-        let mapped = check("cuMemMap", unsafe { sys::cuMemMap(ptr, size as usize, 0, handle, 0) });
-        let result = mapped.and_then(|()| {
-            let desc = sys::CUmemAccessDesc {
-                location: location(self.ordinal),
-                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-            };
-            // SAFETY: the range was just mapped.
-            let r = check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(ptr, size as usize, &desc, 1) });
-            if r.is_err() {
-                // SAFETY: undo the mapping made above.
-                unsafe { sys::cuMemUnmap(ptr, size as usize) };
-            }
-            r
-        });
+        let handle = self.create(size)?;
+        let result = self.map_handle(ptr, size, handle);
         // See Note [Releasing physical handles at once].
-        // SAFETY: the handle is ours; a live mapping keeps the memory.
-        let released = check("cuMemRelease", unsafe { sys::cuMemRelease(handle) });
+        let released = release(handle);
         result?;
         released?;
         self.count(2);
         Ok(())
+    }
+
+    fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
+        self.bind()?;
+        // The new allocations are first mapped in a scratch range at the same offsets, the
+        // live contents copied there, and only then is the old allocation unmapped and the new
+        // ones mapped in its place. A failure before the unmap leaves everything as it was.
+        let mut scratch: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; size is a multiple of the granularity.
+        check("cuMemAddressReserve", unsafe {
+            sys::cuMemAddressReserve(&mut scratch, size as usize, 0, 0, 0)
+        })?;
+        let mut made: Vec<(u64, u64, sys::CUmemGenericAllocationHandle)> = Vec::with_capacity(keep.len());
+        let staged = (|| {
+            for &(a, n) in keep {
+                let handle = self.create(n)?;
+                made.push((a, n, handle));
+                self.map_handle(scratch + (a - ptr), n, handle)?;
+                // SAFETY: both ranges are mapped, n bytes long; the caller waited for the GPU.
+                check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(scratch + (a - ptr), a, n as usize) })?;
+            }
+            // SAFETY: the context is current; the copies must be done before the unmap.
+            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+        })();
+        let unstage = |made: &[(u64, u64, sys::CUmemGenericAllocationHandle)], upto: usize| {
+            for (i, &(a, n, handle)) in made.iter().enumerate() {
+                if i < upto {
+                    // SAFETY: mapped in the scratch range above.
+                    unsafe { sys::cuMemUnmap(scratch + (a - ptr), n as usize) };
+                }
+                let _ = release(handle);
+            }
+            // SAFETY: everything in the scratch range is unmapped now.
+            unsafe { sys::cuMemAddressFree(scratch, size as usize) };
+        };
+        if let Err(e) = staged {
+            // the last handle may have failed before it was mapped; unmapping it is harmless
+            unstage(&made, made.len());
+            return Err(e);
+        }
+        // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
+        let unmapped = check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) });
+        if let Err(e) = unmapped {
+            unstage(&made, made.len());
+            return Err(e);
+        }
+        let mut result = Ok(());
+        for &(a, n, handle) in &made {
+            if result.is_ok() {
+                result = self.map_handle(a, n, handle);
+            }
+        }
+        unstage(&made, made.len());
+        self.count(3);
+        for _ in keep {
+            self.count(2);
+        }
+        // A failure here loses the contents of the kept pages: say so plainly.
+        result.map_err(|e| DeviceError::Driver {
+            call: "cuMemMap",
+            message: format!("remapping moved pages failed, their contents are lost: {e}"),
+        })
     }
 
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {

@@ -92,6 +92,15 @@ pub trait Device: Send + Sync {
     /// sure no work still uses the range.
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError>;
 
+    /// Shrinks the physical allocation mapped at exactly `ptr..ptr + size` to the page-aligned
+    /// sub-ranges `keep` (sorted, disjoint): each gets a new physical allocation mapped at the
+    /// same addresses, holding the same contents (copied by the device), and the old
+    /// allocation is released, so the rest of the range becomes unmapped. Both are held while
+    /// it runs. Like [`Device::unmap`] it does not wait for the GPU: the caller must make sure
+    /// no work uses the range. This is how the `gpumem` policy gives back the free pages of a
+    /// chunk that still holds live blocks (Note [Compaction] in `compact.rs`).
+    fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError>;
+
     /// Creates an event (`cuEventCreate`, timing disabled).
     fn create_event(&self) -> Result<EventId, DeviceError>;
     /// Destroys an event.

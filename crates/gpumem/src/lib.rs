@@ -20,6 +20,7 @@
 
 mod allocator;
 mod block;
+mod compact;
 mod config;
 mod cuda;
 mod device;

@@ -261,7 +261,7 @@ impl<D: Device> Packed<D> {
     // ---- chunks ----
 
     /// The indexes into `page_chunk` of the pages of `start..start + size` (page-aligned).
-    fn pages(&self, start: u64, size: u64) -> std::ops::Range<usize> {
+    pub(crate) fn pages(&self, start: u64, size: u64) -> std::ops::Range<usize> {
         let first = ((start - self.base) / self.page) as usize;
         first..first + (size / self.page) as usize
     }
@@ -315,22 +315,11 @@ impl<D: Device> Packed<D> {
             Err(DeviceError::OutOfMemory) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let chunk = Chunk { start, size, users: 0, other_streams: false, idle_since: 0 };
-        let c = match self.vacant_chunks.pop() {
-            Some(c) => {
-                self.chunks[c as usize] = Some(chunk);
-                c
-            }
-            None => {
-                self.chunks.push(Some(chunk));
-                (self.chunks.len() - 1) as u32
-            }
-        };
         let pages = self.pages(start, size);
         if self.page_chunk.len() < pages.end {
             self.page_chunk.resize(pages.end, 0);
         }
-        self.page_chunk[pages].fill(c + 1);
+        let c = self.add_chunk(Chunk { start, size, users: 0, other_streams: false, idle_since: 0 });
         // a fresh chunk is idle until the block it was mapped for is placed on it
         self.tick += 1;
         let ch = self.chunks[c as usize].as_mut().unwrap();
@@ -346,32 +335,45 @@ impl<D: Device> Packed<D> {
         Ok(Some(c))
     }
 
-    /// Unmaps chunk `c` (idle, or just mapped and not yet used) and forgets it.
-    fn release_chunk(&mut self, c: u32) -> Result<Chunk, AllocError> {
-        let ch = self.chunks[c as usize].take().expect("a live chunk");
-        debug_assert_eq!(ch.users, 0);
-        // Note [Which wait before unmapping]
-        // -----------------------------------
-        // Unmapping does not wait for the GPU (Note [Unmapping does not wait] in cuda.rs).
-        // PyTorch waits for the segment's stream. A chunk used only on the default stream
-        // waits for that stream, which cannot be destroyed; one used on other streams waits
-        // for the whole device, which needs no stream handle: a stream the program has
-        // destroyed since it used the chunk must not be synchronized.
-        if ch.other_streams {
+    /// Waits until no work can still use a chunk's pages.
+    ///
+    /// Note [Which wait before unmapping]
+    /// -----------------------------------
+    /// Unmapping does not wait for the GPU (Note [Unmapping does not wait] in cuda.rs).
+    /// PyTorch waits for the segment's stream. A chunk used only on the default stream
+    /// waits for that stream, which cannot be destroyed; one used on other streams waits
+    /// for the whole device, which needs no stream handle: a stream the program has
+    /// destroyed since it used the chunk must not be synchronized.
+    fn wait_for_chunk(&self, other_streams: bool) -> Result<(), AllocError> {
+        if other_streams {
             self.device.synchronize_device()?;
         } else {
             self.device.synchronize_stream(StreamId::DEFAULT)?;
         }
-        self.device.unmap(ch.start, ch.size)?;
+        Ok(())
+    }
+
+    /// Unmaps chunk `c` (idle, or just mapped and not yet used) and forgets it.
+    fn release_chunk(&mut self, c: u32) -> Result<Chunk, AllocError> {
+        let ch = self.chunks[c as usize].take().expect("a live chunk");
+        debug_assert_eq!(ch.users, 0);
+        self.wait_for_chunk(ch.other_streams)?;
+        let unmapped = self.device.unmap(ch.start, ch.size);
+        self.forget_chunk(c, &ch);
+        unmapped?;
+        self.stats.num_device_free += 1;
+        self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
+        Ok(ch)
+    }
+
+    /// The bookkeeping of a chunk whose memory is gone.
+    fn forget_chunk(&mut self, c: u32, ch: &Chunk) {
         self.idle_bytes -= ch.size;
         self.mapped_bytes -= ch.size;
         self.vacant_chunks.push(c);
         let pages = self.pages(ch.start, ch.size);
         self.page_chunk[pages].fill(0);
         self.stats.reserved_bytes.decrease(PoolKind::Large, ch.size);
-        self.stats.num_device_free += 1;
-        self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
-        Ok(ch)
     }
 
     /// Undoes `map_chunk` for a chunk no piece refers to yet (a mapping that failed halfway).
@@ -382,12 +384,17 @@ impl<D: Device> Packed<D> {
     /// Unmaps idle chunk `c`; its address range becomes unmapped free space.
     pub(crate) fn unmap_chunk(&mut self, c: u32) -> Result<(), AllocError> {
         let ch = self.release_chunk(c)?;
-        // The free pieces over the chunk (of any streams) lose their mapping.
-        let (start, end) = (ch.start, ch.start + ch.size);
+        self.unmap_free_range(ch.start, ch.start + ch.size);
+        Ok(())
+    }
+
+    /// Turns the free pieces over `start..end` (of any streams; no live block may lie there)
+    /// into unmapped space, after the pages under them were unmapped.
+    pub(crate) fn unmap_free_range(&mut self, start: u64, end: u64) {
         let mut at = self.piece_containing(start).map_or(start, |p| p.0);
         while at < end {
             let (size, kind) = self.take_piece(at);
-            debug_assert!(matches!(kind, Piece::Free { .. }), "an idle chunk holds only free space");
+            debug_assert!(matches!(kind, Piece::Free { .. }), "only free space is unmapped");
             let (lo, hi) = (at.max(start), (at + size).min(end));
             if at < lo {
                 self.set_piece(at, lo - at, kind);
@@ -398,7 +405,6 @@ impl<D: Device> Packed<D> {
             self.insert_free(lo, hi - lo, Piece::Unmapped);
             at += size;
         }
-        Ok(())
     }
 
     /// Whether a queue entry still names an idle chunk.

@@ -109,6 +109,26 @@ impl<D: Device> Packed<D> {
             // recycling may have opened a better place (or moved the frontier down)
             place = self.placement(size, stream);
             need = place.map_to - place.map_from;
+            if self.config.compaction && self.mapped_bytes + need > self.high_water {
+                let keep = (place.start, place.map_to.max(place.start + size));
+                if self.compact(need, self.high_water, keep)? {
+                    place = self.placement(size, stream);
+                    need = place.map_to - place.map_from;
+                }
+            }
+            // Note [Idle chunks a block would pin]: landing partly on an idle chunk, the block
+            // would pin the rest of it; unmapped first, the chunk's pages come back in the
+            // block's own shapes (two device calls, paid only when the peak would rise).
+            if self.mapped_bytes + need > self.high_water {
+                let partial = self.partly_covered_idle_chunks(place.start, size);
+                if !partial.is_empty() {
+                    for c in partial {
+                        self.unmap_chunk(c)?;
+                    }
+                    place = self.placement(size, stream);
+                    need = place.map_to - place.map_from;
+                }
+            }
         }
         if let Some(max) = self.allowed_memory_maximum {
             if self.mapped_bytes + need > max {
@@ -129,6 +149,27 @@ impl<D: Device> Packed<D> {
             }
         }
         Ok(place.start)
+    }
+
+    /// Idle chunks under `[addr, addr + size)` with a page or more outside the block's pages:
+    /// the block would pin that free memory.
+    fn partly_covered_idle_chunks(&self, addr: u64, size: u64) -> Vec<u32> {
+        let page = self.page;
+        let (lo, hi) = (addr / page * page, (addr + size).div_ceil(page) * page);
+        let mut out = Vec::new();
+        let mut p = addr;
+        while p < addr + size {
+            let Some(c) = self.chunk_at(p) else {
+                p = (p / page + 1) * page;
+                continue;
+            };
+            let ch = self.chunks[c as usize].as_ref().unwrap();
+            if ch.users == 0 && (ch.start < lo || ch.start + ch.size > hi) {
+                out.push(c);
+            }
+            p = ch.start + ch.size;
+        }
+        out
     }
 
     /// Idle chunks under `[addr, addr + size)` more than `f` times larger than the block.
@@ -303,11 +344,15 @@ impl<D: Device> Packed<D> {
         Ok(())
     }
 
-    /// `empty_cache()`: waits for pending frees, then unmaps every idle chunk.
+    /// `empty_cache()`: waits for pending frees, unmaps every idle chunk, and with compaction
+    /// gives back the wholly free pages of the chunks that still hold live blocks.
     pub(crate) fn empty_cache(&mut self) -> Result<(), AllocError> {
         self.synchronize_and_free_events()?;
         for c in self.idle_chunks() {
             self.unmap_chunk(c)?;
+        }
+        if self.config.compaction {
+            self.compact_all()?;
         }
         // What is left mapped is the new baseline for recycling.
         self.high_water = self.mapped_bytes;

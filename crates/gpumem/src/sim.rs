@@ -32,6 +32,8 @@ pub struct SimCounters {
     pub maps: u64,
     /// `unmap` calls.
     pub unmaps: u64,
+    /// `remap` calls (each also counted as one unmap and a map per kept range).
+    pub remaps: u64,
     /// `reserve` calls.
     pub reserves: u64,
     /// `unreserve` calls.
@@ -66,6 +68,8 @@ struct State {
     segments: BTreeMap<u64, u64>,
     reservations: BTreeMap<u64, u64>,
     mappings: BTreeMap<u64, u64>,
+    /// Simulated contents: one word per address written with `write_tag`.
+    tags: BTreeMap<u64, u64>,
     events: HashMap<u64, Event>,
     next_event: u64,
     auto_complete: bool,
@@ -107,12 +111,34 @@ impl SimDevice {
                 segments: BTreeMap::new(),
                 reservations: BTreeMap::new(),
                 mappings: BTreeMap::new(),
+                tags: BTreeMap::new(),
                 events: HashMap::new(),
                 next_event: 1,
                 auto_complete: false,
                 counters: SimCounters::default(),
             })),
         }
+    }
+
+    /// Writes one word of simulated contents at `addr`, which must lie in a live segment or
+    /// mapping. The word survives as long as the memory under it: freeing or unmapping that
+    /// memory loses it, and `remap` keeps it only in the kept ranges. Tests use it to check
+    /// that moving pages keeps the data of live blocks.
+    pub fn write_tag(&self, addr: u64, tag: u64) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        let backed =
+            |m: &BTreeMap<u64, u64>| m.range(..=addr).next_back().is_some_and(|(&p, &z)| addr < p + z);
+        if !backed(&s.segments) && !backed(&s.mappings) {
+            return Err(DeviceError::InvalidAddress(addr, "no memory is mapped there"));
+        }
+        s.tags.insert(addr, tag);
+        Ok(())
+    }
+
+    /// The word last written at `addr` with [`SimDevice::write_tag`], if its memory is still
+    /// there.
+    pub fn read_tag(&self, addr: u64) -> Option<u64> {
+        self.state.lock().tags.get(&addr).copied()
     }
 
     /// Plans the addresses of future segments: each `(size, address)` is used, in order, by
@@ -211,6 +237,15 @@ fn round_up(x: u64, to: u64) -> u64 {
 }
 
 impl State {
+    fn drop_tags(&mut self, from: u64, to: u64) {
+        if from < to {
+            let gone: Vec<u64> = self.tags.range(from..to).map(|(&a, _)| a).collect();
+            for a in gone {
+                self.tags.remove(&a);
+            }
+        }
+    }
+
     fn take_memory(&mut self, size: u64) -> Result<(), DeviceError> {
         if size > self.capacity - self.used {
             self.counters.ooms += 1;
@@ -258,6 +293,7 @@ impl Device for SimDevice {
         let mut s = self.state.lock();
         let size = s.segments.remove(&ptr).ok_or(DeviceError::InvalidAddress(ptr, "not a live segment"))?;
         s.used -= size;
+        s.drop_tags(ptr, ptr + size);
         s.counters.frees += 1;
         Ok(())
     }
@@ -312,7 +348,41 @@ impl Device for SimDevice {
         }
         s.mappings.remove(&ptr);
         s.used -= size;
+        s.drop_tags(ptr, ptr + size);
         s.counters.unmaps += 1;
+        Ok(())
+    }
+
+    fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        if s.mappings.get(&ptr) != Some(&size) {
+            return Err(DeviceError::InvalidAddress(ptr, "not a mapping of that size"));
+        }
+        let mut at = ptr;
+        for &(a, n) in keep {
+            if a < at || a + n > ptr + size || n == 0 || !a.is_multiple_of(ALIGN) || !n.is_multiple_of(ALIGN)
+            {
+                return Err(DeviceError::InvalidAddress(
+                    a,
+                    "kept range unsorted, unaligned or outside the mapping",
+                ));
+            }
+            at = a + n;
+        }
+        // Both allocations are held while the contents are copied.
+        let kept: u64 = keep.iter().map(|k| k.1).sum();
+        s.take_memory(kept)?;
+        s.used -= size;
+        s.mappings.remove(&ptr);
+        s.mappings.extend(keep.iter().copied());
+        let mut at = ptr;
+        for &(a, n) in keep.iter().chain(std::iter::once(&(ptr + size, 0))) {
+            s.drop_tags(at, a);
+            at = a + n;
+        }
+        s.counters.remaps += 1;
+        s.counters.unmaps += 1;
+        s.counters.maps += keep.len() as u64;
         Ok(())
     }
 

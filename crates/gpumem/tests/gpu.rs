@@ -30,7 +30,7 @@ fn gpu_engine_invariants_hold_on_the_real_device() {
         "expandable_segments:True",
         "max_split_size_mb:64",
         "policy:gpumem",
-        "policy:gpumem,compact_factor:2",
+        "policy:gpumem,compact_factor:2,compaction:False",
     ] {
         let ctx = dev.context().clone();
         let side = ctx.new_stream().unwrap();
@@ -107,7 +107,9 @@ fn gpu_tutorial_walkthrough_and_driver_free_memory() {
 
 fn gpu_data_survives_other_allocations() {
     let Some(dev) = gpu("gpu_data_survives_other_allocations") else { return };
-    for conf in ["", "expandable_segments:True", "policy:gpumem", "policy:gpumem,compact_factor:2"] {
+    for conf in
+        ["", "expandable_segments:True", "policy:gpumem", "policy:gpumem,compact_factor:2,compaction:False"]
+    {
         let a = allocator(dev.clone(), conf);
         let stream = dev.context().default_stream();
         let n = 3 << 20;
@@ -334,6 +336,38 @@ fn gpu_global_api_and_every_gpu() {
     println!("{} GPU(s) exercised", n);
 }
 
+fn gpu_gpumem_compaction_moves_pages_under_live_tensors_intact() {
+    let Some(dev) = gpu("gpu_gpumem_compaction_moves_pages_under_live_tensors_intact") else { return };
+    let a = allocator(dev.clone(), "policy:gpumem");
+    let stream = dev.context().default_stream();
+    // a 64 MiB chunk, freed, then pinned by a 1 MiB tensor; a guard closes it from above
+    let big = Tensor::<u8>::empty_with(&a, &stream, &[64 << 20]).unwrap();
+    let guard = Tensor::<u8>::empty_with(&a, &stream, &[3 << 19]).unwrap();
+    drop(big);
+    let n = 1 << 18;
+    let pattern: Vec<i32> = (0..n as i32).map(|i| i.wrapping_mul(-1640531527)).collect();
+    let mut small = Tensor::<i32>::empty_with(&a, &stream, &[n]).unwrap();
+    small.copy_from(&pattern).unwrap();
+    assert_eq!(a.memory_reserved(), 66 << 20);
+    // 100 MiB fit no hole: rather than raise the peak to 166 MiB, the page under the tensor
+    // is copied to memory of its own at the same address and the chunk's free pages reused
+    let mut grown = Tensor::<u8>::empty_with(&a, &stream, &[100 << 20]).unwrap();
+    grown.fill_ones().unwrap();
+    assert!(a.max_memory_reserved() <= 108 << 20, "peak {}", a.max_memory_reserved());
+    assert_eq!(small.to_vec().unwrap(), pattern, "the tensor's contents moved with it");
+    drop(grown);
+    // empty_cache leaves only the pages under live tensors
+    let (free0, _) = dev.mem_get_info().unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 4 << 20);
+    let (free1, _) = dev.mem_get_info().unwrap();
+    assert!(free1 >= free0 + (98 << 20), "the driver got the pages back ({free0} -> {free1})");
+    assert_eq!(small.to_vec().unwrap(), pattern);
+    drop((small, guard));
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 0);
+}
+
 fn main() {
     let tests: &[(&str, fn())] = &[
         ("gpu_engine_invariants_hold_on_the_real_device", gpu_engine_invariants_hold_on_the_real_device),
@@ -350,6 +384,10 @@ fn main() {
             gpu_gpumem_recycles_a_page_only_after_its_stream_is_done,
         ),
         ("gpu_cudarc_kernels_take_gpumem_tensors", gpu_cudarc_kernels_take_gpumem_tensors),
+        (
+            "gpu_gpumem_compaction_moves_pages_under_live_tensors_intact",
+            gpu_gpumem_compaction_moves_pages_under_live_tensors_intact,
+        ),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

@@ -198,3 +198,76 @@ fn a_request_larger_than_the_device_maps_nothing() {
     a.empty_cache().unwrap();
     assert_eq!(sim.used(), 0);
 }
+
+/// A 64 MiB chunk freed and then pinned by one small block at its start, its free space
+/// closed by a guard block after it: the situation compaction exists for. Returns the small
+/// block (tagged `7` on the simulated device) and the guard.
+fn pinned_chunk(sim: &SimDevice, a: &Allocator<SimDevice>) -> (u64, u64) {
+    let big = a.malloc(64 * MIB, S0).unwrap();
+    let guard = a.malloc(3 * MIB / 2, S0).unwrap();
+    a.free(big).unwrap();
+    let small = a.malloc(MIB, S0).unwrap();
+    assert_eq!(small, big, "best fit puts it in the freed chunk");
+    sim.write_tag(small, 7).unwrap();
+    sim.write_tag(small + MIB - 1, 7).unwrap();
+    assert_eq!(a.memory_reserved(), 66 * MIB);
+    (small, guard)
+}
+
+#[test]
+fn empty_cache_gives_back_the_free_pages_of_a_chunk_holding_a_live_block() {
+    let (sim, a) = setup();
+    let (small, guard) = pinned_chunk(&sim, &a);
+    a.empty_cache().unwrap();
+    // only the pages under the live blocks stay, with their contents
+    assert_eq!(a.memory_reserved(), 4 * MIB);
+    assert_eq!(sim.counters().remaps, 1);
+    assert_eq!((sim.read_tag(small), sim.read_tag(small + MIB - 1)), (Some(7), Some(7)));
+    consistent(&a, &sim);
+    a.free(small).unwrap();
+    a.free(guard).unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(sim.used(), 0);
+
+    // without compaction the chunk stays whole until its last block goes
+    let (sim, a) = setup_cap("compaction:False", 80 << 30);
+    pinned_chunk(&sim, &a);
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 66 * MIB);
+    assert_eq!(sim.counters().remaps, 0);
+}
+
+#[test]
+fn compaction_keeps_growth_under_the_peak() {
+    for (conf, peak_at_most, peak_at_least) in
+        [("", 2 + 2 + 100 + 2, 0), ("compaction:False", u64::MAX, 64 + 100)]
+    {
+        let (sim, a) = setup_cap(conf, 80 << 30);
+        let (small, guard) = pinned_chunk(&sim, &a);
+        // 100 MiB fits no hole. Rather than raise the peak, the allocator gives back the 62
+        // free pages of the pinned chunk (copying the page under the small block to a page of
+        // its own) and maps the request with that memory.
+        let big = a.malloc(100 * MIB, S0).unwrap();
+        let peak = a.max_memory_reserved() / MIB;
+        assert!(peak <= peak_at_most && peak >= peak_at_least, "{conf}: peak {peak} MiB");
+        assert_eq!(sim.read_tag(small), Some(7), "{conf}: the pinned block kept its contents");
+        assert_eq!(sim.read_tag(small + MIB - 1), Some(7));
+        consistent(&a, &sim);
+        for p in [small, guard, big] {
+            a.free(p).unwrap();
+        }
+    }
+}
+#[test]
+fn compaction_options_belong_to_the_gpumem_policy() {
+    let c = AllocatorConfig::parse("compaction:False").unwrap();
+    assert!(!c.compaction);
+    assert!(AllocatorConfig::parse("compaction:maybe").is_err());
+    let e = Allocator::new(
+        SimDevice::new(1 << 30),
+        AllocatorConfig::parse("policy:torch,compaction:True").unwrap(),
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("compaction applies to the gpumem policy only"), "{e}");
+}
