@@ -124,6 +124,19 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
         put(format!("map_{}MiB", size / MIB), m);
         put(format!("unmap_{}MiB", size / MIB), u);
     }
+    // compaction: a chunk shrunk to the page under one live block (a copy, a new allocation)
+    for (size, n) in [(32 * MIB, 16usize), (256 * MIB, 8)] {
+        for i in 0..n {
+            d.map(va + i as u64 * size, size).map_err(Failure::work)?;
+        }
+        let at = |i: usize| va + i as u64 * size + size / 2;
+        let r =
+            time_us(n, |i| d.remap(va + i as u64 * size, size, &[(at(i), 2 * MIB)]).map_err(Failure::work))?;
+        for i in 0..n {
+            d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
+        }
+        put(format!("remap_{}MiB_keep_2MiB", size / MIB), r);
+    }
     d.unreserve(va, 8 << 30).map_err(Failure::work)?;
     let e = d.create_event().map_err(Failure::work)?;
     let r = time_us(1000, |_| d.record_event(e, StreamId::DEFAULT).map_err(Failure::work))?;

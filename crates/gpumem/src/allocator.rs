@@ -243,7 +243,11 @@ impl<D: Device> Allocator<D> {
     /// in tests of code that drives the allocator, and when a counter looks wrong.
     pub fn check_stats(&self) -> Result<(), String> {
         let e = self.lock();
-        e.stats().mismatch_with_recount(&recount(&e.snapshot())).map_or(Ok(()), Err)
+        e.stats().mismatch_with_recount(&recount(&e.snapshot())).map_or(Ok(()), Err)?;
+        match &*e {
+            Core::Packed(p) => p.check_chunks(),
+            Core::Torch(_) => Ok(()),
+        }
     }
 
     /// Free and total device memory as the driver reports it.

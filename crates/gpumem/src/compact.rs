@@ -28,69 +28,120 @@ use crate::error::AllocError;
 use crate::history::Action;
 use crate::packed::{Chunk, Packed};
 use crate::stats::PoolKind;
-use std::collections::HashMap;
 
 /// A chunk that compaction would shrink: the runs of pages under its live blocks (with the
-/// number of live blocks on each) and the bytes it would give back.
+/// number of live blocks and their bytes on each) and the bytes it would give back.
 pub(crate) struct Candidate {
     pub chunk: u32,
-    pub runs: Vec<(u64, u64, u32)>,
+    pub runs: Vec<Run>,
     pub freed: u64,
 }
 
+/// A run of pages under live blocks: `start..end`, `users` blocks with `live_bytes` on it.
+pub(crate) struct Run {
+    pub start: u64,
+    pub end: u64,
+    pub users: u32,
+    pub live_bytes: u64,
+}
+
 impl<D: Device> Packed<D> {
-    /// Every chunk holding a live block that has wholly free pages, outside `keep`, most bytes
-    /// to give back first.
-    pub(crate) fn compaction_candidates(&self, keep: (u64, u64)) -> Vec<Candidate> {
-        let page = self.page;
-        let mut blocks: Vec<(u64, u64)> = self.live.iter().map(|(&a, u)| (a, u.size)).collect();
-        blocks.sort_unstable();
-        // runs of pages under live blocks, per chunk, as (start, end, blocks)
-        let mut runs: HashMap<u32, Vec<(u64, u64, u32)>> = HashMap::new();
-        for (a, n) in blocks {
-            let mut p = a;
-            while p < a + n {
-                let c = self.chunk_at(p).expect("live blocks are mapped");
-                let ch = self.chunks[c as usize].as_ref().unwrap();
-                let end = ch.start + ch.size;
-                let lo = a.max(ch.start) / page * page;
-                let hi = (a + n).min(end).div_ceil(page) * page;
-                let r = runs.entry(c).or_default();
-                match r.last_mut() {
-                    Some(last) if last.1 >= lo => {
-                        last.1 = last.1.max(hi);
-                        last.2 += 1;
-                    }
-                    _ => r.push((lo, hi, 1)),
-                }
-                p = end;
-            }
-        }
-        let mut out: Vec<Candidate> = runs
-            .into_iter()
-            .filter_map(|(c, runs)| {
-                let ch = self.chunks[c as usize].as_ref().unwrap();
-                let kept: u64 = runs.iter().map(|r| r.1 - r.0).sum();
+    /// The chunks outside `keep` that hold a live block and may have wholly free pages, the
+    /// most free bytes first (cheap: from the per-chunk counts; `candidate` says exactly).
+    pub(crate) fn compaction_order(&self, keep: (u64, u64)) -> Vec<u32> {
+        let mut out: Vec<(u64, u32)> = self
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(c, ch)| {
+                let ch = ch.as_ref()?;
+                let free = ch.size - ch.live_bytes;
                 let outside = ch.start >= keep.1 || ch.start + ch.size <= keep.0;
-                (kept < ch.size && outside).then(|| Candidate { chunk: c, runs, freed: ch.size - kept })
+                (ch.users > 0 && free >= self.page && outside).then_some((free, c as u32))
             })
             .collect();
-        out.sort_unstable_by_key(|c| (std::cmp::Reverse(c.freed), c.chunk));
+        out.sort_unstable_by_key(|&(free, c)| (std::cmp::Reverse(free), c));
+        out.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// What compacting chunk `c` would keep and give back; `None` if it has no wholly free
+    /// page.
+    pub(crate) fn candidate(&self, c: u32) -> Option<Candidate> {
+        let page = self.page;
+        let ch = self.chunks[c as usize].as_ref()?;
+        let (start, end) = (ch.start, ch.start + ch.size);
+        let mut runs: Vec<Run> = Vec::new();
+        for (a, n) in self.live_blocks_in(start, end) {
+            let lo = a.max(start) / page * page;
+            let hi = (a + n).min(end).div_ceil(page) * page;
+            let bytes = (a + n).min(end) - a.max(start);
+            match runs.last_mut() {
+                Some(last) if last.end >= lo => {
+                    last.end = last.end.max(hi);
+                    last.users += 1;
+                    last.live_bytes += bytes;
+                }
+                _ => runs.push(Run { start: lo, end: hi, users: 1, live_bytes: bytes }),
+            }
+        }
+        let kept: u64 = runs.iter().map(|r| r.end - r.start).sum();
+        (kept < ch.size).then(|| Candidate { chunk: c, runs, freed: ch.size - kept })
+    }
+
+    /// Checks every chunk's count of live blocks and live bytes against a recount (the
+    /// property tests call this after every step, through `Allocator::check_stats`).
+    pub(crate) fn check_chunks(&self) -> Result<(), String> {
+        for ch in self.chunks.iter().flatten() {
+            let (start, end) = (ch.start, ch.start + ch.size);
+            let blocks = self.live_blocks_in(start, end);
+            let bytes: u64 = blocks.iter().map(|&(a, n)| (a + n).min(end) - a.max(start)).sum();
+            if blocks.len() as u32 != ch.users || bytes != ch.live_bytes {
+                return Err(format!(
+                    "chunk at {start:#x} (+{}) counts {} live blocks and {} live bytes; a recount finds {} and {bytes}",
+                    ch.size,
+                    ch.users,
+                    ch.live_bytes,
+                    blocks.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The live blocks overlapping `lo..hi`, in address order, as (address, size). The range
+    /// below the frontier is tiled by free pieces and live blocks, so this walks it from the
+    /// last free piece that starts at or before `lo`.
+    fn live_blocks_in(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+        let mut p =
+            self.starts.range(..=lo).rev().find(|a| self.spans.contains_key(a)).copied().unwrap_or(self.base);
+        let mut out = Vec::new();
+        while p < hi && p < self.frontier {
+            if let Some(&(size, _)) = self.spans.get(&p) {
+                p += size;
+            } else {
+                let u = self.live.get(&p).expect("the range below the frontier is tiled");
+                if p + u.size > lo {
+                    out.push((p, u.size));
+                }
+                p += u.size;
+            }
+        }
         out
     }
 
     /// Compacts chunks, most free pages first, until `needed` more bytes fit under `limit`
     /// (Note [Compaction]). Returns whether it compacted any.
     pub(crate) fn compact(&mut self, needed: u64, limit: u64, keep: (u64, u64)) -> Result<bool, AllocError> {
-        let candidates = self.compaction_candidates(keep);
-        if candidates.is_empty() {
+        let order = self.compaction_order(keep);
+        if order.is_empty() {
             return Ok(false);
         }
         self.device.synchronize_device()?;
-        for cand in candidates {
+        for c in order {
             if self.mapped_bytes + needed <= limit {
                 break;
             }
+            let Some(cand) = self.candidate(c) else { continue };
             // The copy holds both allocations: never more than the growth itself would map.
             let kept = self.chunks[cand.chunk as usize].as_ref().unwrap().size - cand.freed;
             if kept > needed && limit > 0 {
@@ -116,7 +167,7 @@ impl<D: Device> Packed<D> {
             let ch = self.chunks[c as usize].as_ref().unwrap();
             (ch.start, ch.size, ch.other_streams)
         };
-        let keep: Vec<(u64, u64)> = cand.runs.iter().map(|r| (r.0, r.1 - r.0)).collect();
+        let keep: Vec<(u64, u64)> = cand.runs.iter().map(|r| (r.start, r.end - r.start)).collect();
         match self.device.remap(start, size, &keep) {
             Ok(()) => {}
             Err(DeviceError::OutOfMemory) => return Ok(false),
@@ -133,15 +184,18 @@ impl<D: Device> Packed<D> {
         self.stats.num_device_free += 1;
         let first = self.pages(start, size);
         self.page_chunk[first].fill(0);
-        for &(lo, hi, users) in &cand.runs {
-            let chunk = Chunk { start: lo, size: hi - lo, users, other_streams, idle_since: 0 };
-            self.add_chunk(chunk);
+        for r in &cand.runs {
+            let (users, live_bytes) = (r.users, r.live_bytes);
+            let size = r.end - r.start;
+            self.add_chunk(Chunk { start: r.start, size, users, live_bytes, other_streams, idle_since: 0 });
             self.stats.num_device_alloc += 1;
-            self.history.record(Action::SegmentMap, lo, hi - lo, StreamId::DEFAULT);
+            self.history.record(Action::SegmentMap, r.start, size, StreamId::DEFAULT);
         }
         // what lies between the runs was wholly free: it becomes unmapped space
         let mut at = start;
-        for &(lo, hi, _) in cand.runs.iter().chain(std::iter::once(&(start + size, start + size, 0))) {
+        let ends =
+            cand.runs.iter().map(|r| (r.start, r.end)).chain(std::iter::once((start + size, start + size)));
+        for (lo, hi) in ends {
             if lo > at {
                 self.history.record(Action::SegmentUnmap, at, lo - at, StreamId::DEFAULT);
                 self.unmap_free_range(at, lo);

@@ -64,6 +64,8 @@ pub(crate) struct Chunk {
     pub size: u64,
     /// Live blocks overlapping the chunk.
     pub users: u32,
+    /// Bytes of the chunk under live blocks: what compaction could not give back.
+    pub live_bytes: u64,
     /// Whether a block on a stream other than the default one used the chunk since it was
     /// mapped (see Note [Which wait before unmapping]).
     pub other_streams: bool,
@@ -278,6 +280,7 @@ impl<D: Device> Packed<D> {
             let c = self.chunk_at(p).expect("live blocks are mapped");
             let ch = self.chunks[c as usize].as_mut().unwrap();
             ch.users += 1;
+            ch.live_bytes += (addr + size).min(ch.start + ch.size) - addr.max(ch.start);
             ch.other_streams |= stream != StreamId::DEFAULT;
             if ch.users == 1 {
                 self.idle_bytes -= ch.size;
@@ -292,6 +295,7 @@ impl<D: Device> Packed<D> {
             let c = self.chunk_at(p).expect("live blocks are mapped");
             let ch = self.chunks[c as usize].as_mut().unwrap();
             ch.users -= 1;
+            ch.live_bytes -= (addr + size).min(ch.start + ch.size) - addr.max(ch.start);
             if ch.users == 0 {
                 self.tick += 1;
                 ch.idle_since = self.tick;
@@ -319,7 +323,14 @@ impl<D: Device> Packed<D> {
         if self.page_chunk.len() < pages.end {
             self.page_chunk.resize(pages.end, 0);
         }
-        let c = self.add_chunk(Chunk { start, size, users: 0, other_streams: false, idle_since: 0 });
+        let c = self.add_chunk(Chunk {
+            start,
+            size,
+            users: 0,
+            live_bytes: 0,
+            other_streams: false,
+            idle_since: 0,
+        });
         // a fresh chunk is idle until the block it was mapped for is placed on it
         self.tick += 1;
         let ch = self.chunks[c as usize].as_mut().unwrap();
