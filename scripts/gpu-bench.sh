@@ -12,24 +12,28 @@ O=${2:-${OUT:-/tmp/gpumem-bench}}
 ROUNDS=${ROUNDS:-3}
 mkdir -p "$O"
 cd "$B"
-: > "$O/replay-cuda.jsonl"
-: > "$O/torch.jsonl"
-for round in $(seq "$ROUNDS"); do
-  for conf in "" expandable_segments:True; do
-    PYTORCH_CUDA_ALLOC_CONF=$conf python3 bench/torch_replay.py traces/*.jsonl.gz 2>/dev/null
-  done >> "$O/torch.jsonl"
-  ./gpumem replay traces/*.jsonl.gz --device cuda -p torch -p gpumem -p gpumem:compaction:False --json \
-    >> "$O/replay-cuda.jsonl"
-done
-./gpumem replay traces/*.jsonl.gz --device sim --json > "$O/replay-sim.jsonl"
-./gpumem bench --device cuda --json > "$O/bench.jsonl" 2>&1
-# traces of other workloads, recorded here, replayed on the simulated device
+# traces of other workloads, recorded here first; those not in the bundle join the rounds
+TRACES=(traces/*.jsonl.gz)
 if [ "${RECORD:-1}" = 1 ]; then
   mkdir -p new_traces
   python3 record_traces.py new_traces bench > "$O/record.log" 2>&1
   ls new_traces/*.jsonl.gz >/dev/null 2>&1 && ./gpumem replay new_traces/*.jsonl.gz --json > "$O/replay-new.jsonl"
   tar czf "$O/new_traces.tgz" new_traces 2>/dev/null
+  for t in new_traces/*.jsonl.gz; do
+    [ -e "$t" ] && [ ! -e "traces/$(basename "$t")" ] && TRACES+=("$t")
+  done
 fi
+: > "$O/replay-cuda.jsonl"
+: > "$O/torch.jsonl"
+for round in $(seq "$ROUNDS"); do
+  for conf in "" expandable_segments:True; do
+    PYTORCH_CUDA_ALLOC_CONF=$conf python3 bench/torch_replay.py "${TRACES[@]}" 2>/dev/null
+  done >> "$O/torch.jsonl"
+  ./gpumem replay "${TRACES[@]}" --device cuda -p torch -p gpumem -p gpumem:compaction:False --json \
+    >> "$O/replay-cuda.jsonl"
+done
+./gpumem replay "${TRACES[@]}" --device sim --json > "$O/replay-sim.jsonl"
+./gpumem bench --device cuda --json > "$O/bench.jsonl" 2>&1
 python3 - "$O" <<'PY'
 import json, sys, statistics
 from collections import defaultdict

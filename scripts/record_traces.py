@@ -87,10 +87,46 @@ def workload(name):
             loss = m(input_ids=src, labels=tgt).loss
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return step, 8
+    if name == "lstm_varlen_train":
+        # a 3-layer LSTM language model over batches of random sequence lengths, Adam
+        vocab, d = 16000, 1024
+        emb = torch.nn.Embedding(vocab, d).to(dev)
+        rnn = torch.nn.LSTM(d, d, num_layers=3, batch_first=True).to(dev)
+        head = torch.nn.Linear(d, vocab).to(dev)
+        params = list(emb.parameters()) + list(rnn.parameters()) + list(head.parameters())
+        opt = torch.optim.Adam(params, lr=1e-3)
+        g = torch.Generator().manual_seed(11)
+
+        def step(i):
+            t = int(torch.randint(64, 384, (1,), generator=g))
+            ids = torch.randint(0, vocab, (32, t + 1), device=dev)
+            out, _ = rnn(emb(ids[:, :-1]))
+            loss = torch.nn.functional.cross_entropy(head(out).flatten(0, 1), ids[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        return step, 6
+    if name == "multiscale_cnn_train":
+        # a plain conv net trained on images whose resolution changes every step, SGD momentum
+        chans = [3, 64, 128, 256, 512]
+        layers = []
+        for a, b in zip(chans, chans[1:]):
+            layers += [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.BatchNorm2d(b), torch.nn.ReLU(),
+                       torch.nn.Conv2d(b, b, 3, padding=1), torch.nn.BatchNorm2d(b), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        m = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(512, 1000)).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(5)
+
+        def step(i):
+            r = 32 * int(torch.randint(4, 11, (1,), generator=g))
+            x = torch.randn(48, 3, r, r, device=dev)
+            y = torch.randint(0, 1000, (48,), device=dev)
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        return step, 8
     raise SystemExit("unknown workload " + name)
 
 
-NAMES = ["transformer_lm_fp16", "unet_seg_train", "mlp_varbatch_infer", "t5_train"]
+NAMES = ["transformer_lm_fp16", "unet_seg_train", "mlp_varbatch_infer", "t5_train", "lstm_varlen_train",
+         "multiscale_cnn_train"]
 
 if __name__ == "__main__":
     if sys.argv[1] == "one":
