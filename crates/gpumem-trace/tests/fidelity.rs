@@ -99,7 +99,13 @@ fn torch_policy_reproduces_pytorch_exactly() {
 #[test]
 fn torch_policy_reproduces_traces_it_was_not_written_against() {
     let torch = Policy::parse("torch").unwrap();
-    for name in ["mlp_varbatch_infer.jsonl.gz", "transformer_lm_fp16.jsonl.gz", "unet_seg_train.jsonl.gz"] {
+    for name in [
+        "mlp_varbatch_infer.jsonl.gz",
+        "transformer_lm_fp16.jsonl.gz",
+        "unet_seg_train.jsonl.gz",
+        "lstm_varlen_train.jsonl.gz",
+        "multiscale_cnn_train.jsonl.gz",
+    ] {
         let trace = read_trace(&data(name)).unwrap();
         let (r, alloc) =
             replay_into(&trace, &torch, SimDevice::default(), &verify(), &mut |_, _| {}).unwrap();
