@@ -76,7 +76,7 @@ def workload(name):
         return step, 6
     if name == "t5_train":
         from transformers import T5Config, T5ForConditionalGeneration
-        m = T5ForConditionalGeneration(T5Config(d_model=512, d_ff=2048, num_layers=6, num_heads=8)).to(dev)
+        m = T5ForConditionalGeneration(T5Config(d_model=512, d_ff=2048, num_layers=6, num_heads=8, decoder_start_token_id=0, pad_token_id=0)).to(dev)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(3)
 

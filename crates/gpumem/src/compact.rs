@@ -147,6 +147,10 @@ impl<D: Device> Packed<D> {
             if kept > needed && limit > 0 {
                 continue;
             }
+            // nor more than the memory fraction allows, even for a moment
+            if self.allowed_memory_maximum.is_some_and(|max| self.mapped_bytes + kept > max) {
+                continue;
+            }
             if !self.compact_chunk(&cand)? {
                 break; // no memory for the copy: the device is full
             }

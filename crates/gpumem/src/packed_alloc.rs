@@ -132,7 +132,15 @@ impl<D: Device> Packed<D> {
         }
         if let Some(max) = self.allowed_memory_maximum {
             if self.mapped_bytes + need > max {
-                self.recycle(need, max, (place.start, place.map_to.max(place.start + size)))?;
+                let keep = (place.start, place.map_to.max(place.start + size));
+                self.recycle(need, max, keep)?;
+                if self.config.compaction
+                    && self.mapped_bytes + need > max
+                    && self.compact(need, max, keep)?
+                {
+                    place = self.placement(size, stream);
+                    need = place.map_to - place.map_from;
+                }
                 if self.mapped_bytes + need > max {
                     return Err(self.out_of_memory(orig, need, stream));
                 }
@@ -142,7 +150,11 @@ impl<D: Device> Packed<D> {
             // The device is full: give back every idle chunk and try once more.
             self.synchronize_and_free_events()?;
             self.stats.num_alloc_retries += 1;
-            self.recycle(need, 0, (place.start, place.map_to.max(place.start + size)))?;
+            let keep = (place.start, place.map_to.max(place.start + size));
+            self.recycle(need, 0, keep)?;
+            if self.config.compaction {
+                self.compact(need, 0, keep)?;
+            }
             place = self.placement(size, stream);
             if !self.map_range(&place, stream)? {
                 return Err(self.out_of_memory(orig, place.map_to - place.map_from, stream));
@@ -428,8 +440,12 @@ impl<D: Device> Packed<D> {
         let non_releasable = reserved.saturating_sub(active + self.idle_bytes);
         let hint = match fraction_hint(self.allowed_memory_maximum, need, free, total) {
             Some(h) => h,
+            None if reserved > allocated + allocated / 10 && !self.config.compaction => format!(
+                "{} of the reserved memory is free but shares physical chunks with live tensors, so it can be neither given back nor used for this request: free tensors you no longer need, use a smaller batch, or remove compaction:False (the free pages of those chunks are then given back).",
+                size::format_size(non_releasable)
+            ),
             None if reserved > allocated + allocated / 10 => format!(
-                "{} of the reserved memory is free but shares physical chunks with live tensors, so it can be neither given back nor used for this request: free tensors you no longer need, use a smaller batch, or try compact_factor:2 (fewer shared chunks, more driver calls).",
+                "{} of the reserved memory is free but lies in pages shared with live tensors, in pieces too small for this request: free tensors you no longer need, or use a smaller batch.",
                 size::format_size(non_releasable)
             ),
             None => "Live tensors hold nearly all of this memory: free tensors you no longer need, use a smaller batch, or look for leaks with a snapshot.".to_string(),

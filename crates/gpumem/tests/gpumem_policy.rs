@@ -271,3 +271,19 @@ fn compaction_options_belong_to_the_gpumem_policy() {
     .expect("refused");
     assert!(e.to_string().contains("compaction applies to the gpumem policy only"), "{e}");
 }
+
+#[test]
+fn compaction_turns_an_out_of_memory_into_a_success() {
+    // 100 MiB of device: a 64 MiB chunk pinned by 1 MiB leaves no room for 90 MiB more
+    for (conf, fits) in [("", true), ("compaction:False", false)] {
+        let (sim, a) = setup_cap(conf, 100 * MIB);
+        let (small, _guard) = pinned_chunk(&sim, &a);
+        let r = a.malloc(90 * MIB, S0);
+        assert_eq!(r.is_ok(), fits, "{conf}: {r:?}");
+        if let Err(e) = r {
+            assert!(e.to_string().contains("remove compaction:False"), "the error says what helps: {e}");
+        }
+        assert_eq!(sim.read_tag(small), Some(7));
+        consistent(&a, &sim);
+    }
+}
