@@ -197,8 +197,8 @@ impl<D: Device> Packed<D> {
             let (users, live_bytes) = (r.users, r.live_bytes);
             let size = r.end - r.start;
             self.add_chunk(Chunk { start: r.start, size, users, live_bytes, other_streams, idle_since: 0 });
+            // the runs stay mapped (in new memory): for the history, only the gaps change
             self.stats.num_device_alloc += 1;
-            self.history.record(Action::SegmentMap, r.start, size, StreamId::DEFAULT);
         }
         // what lies between the runs was wholly free: it becomes unmapped space
         let mut at = start;
