@@ -52,7 +52,7 @@ pub struct AllocatorConfig {
     pub compact_factor: u64,
     /// `gpumem` policy only: whether the free pages of chunks that still hold live blocks are
     /// given back by moving the pages under the live blocks (`compaction`, default True; Note
-    /// [Compaction] in `compact.rs`).
+    /// \[Compaction\] in `compact.rs`).
     pub compaction: bool,
     /// The keys that were set, in order.
     pub keys: Vec<String>,
