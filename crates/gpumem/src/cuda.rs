@@ -272,26 +272,26 @@ impl Device for CudaDevice {
             // SAFETY: the context is current; the copies must be done before the unmap.
             check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
         })();
-        let unstage = |made: &[(u64, u64, sys::CUmemGenericAllocationHandle)], upto: usize| {
-            for (i, &(a, n, handle)) in made.iter().enumerate() {
-                if i < upto {
-                    // SAFETY: mapped in the scratch range above.
-                    unsafe { sys::cuMemUnmap(scratch + (a - ptr), n as usize) };
-                }
+        // Unmaps the scratch range and drops our handles: a new allocation mapped at its
+        // final address keeps its memory, any other goes back.
+        let unstage = |made: &[(u64, u64, sys::CUmemGenericAllocationHandle)]| {
+            for &(a, n, handle) in made {
+                // SAFETY: mapped in the scratch range above (if its map failed, this is a
+                // harmless error).
+                unsafe { sys::cuMemUnmap(scratch + (a - ptr), n as usize) };
                 let _ = release(handle);
             }
             // SAFETY: everything in the scratch range is unmapped now.
             unsafe { sys::cuMemAddressFree(scratch, size as usize) };
         };
         if let Err(e) = staged {
-            // the last handle may have failed before it was mapped; unmapping it is harmless
-            unstage(&made, made.len());
+            unstage(&made);
             return Err(e);
         }
         // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
         let unmapped = check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) });
         if let Err(e) = unmapped {
-            unstage(&made, made.len());
+            unstage(&made);
             return Err(e);
         }
         let mut result = Ok(());
@@ -300,7 +300,7 @@ impl Device for CudaDevice {
                 result = self.map_handle(a, n, handle);
             }
         }
-        unstage(&made, made.len());
+        unstage(&made);
         self.count(3);
         for _ in keep {
             self.count(2);
