@@ -105,6 +105,9 @@ fn torch_policy_reproduces_traces_it_was_not_written_against() {
         "unet_seg_train.jsonl.gz",
         "lstm_varlen_train.jsonl.gz",
         "multiscale_cnn_train.jsonl.gz",
+        "gpt2_train_bf16_24steps.jsonl.gz",
+        "resnet50_train_24steps.jsonl.gz",
+        "vit_train_amp_24steps.jsonl.gz",
     ] {
         let trace = read_trace(&data(name)).unwrap();
         let (r, alloc) =

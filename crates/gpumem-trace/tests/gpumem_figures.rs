@@ -9,7 +9,7 @@ fn data(name: &str) -> String {
     format!("{}/../../testdata/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-const TRACES: [&str; 10] = [
+const TRACES: [&str; 13] = [
     "bert_varlen_train.jsonl.gz",
     "gpt2_train_bf16.jsonl.gz",
     "offload_side_stream.jsonl.gz",
@@ -20,6 +20,9 @@ const TRACES: [&str; 10] = [
     "unet_seg_train.jsonl.gz",
     "lstm_varlen_train.jsonl.gz",
     "multiscale_cnn_train.jsonl.gz",
+    "gpt2_train_bf16_24steps.jsonl.gz",
+    "resnet50_train_24steps.jsonl.gz",
+    "vit_train_amp_24steps.jsonl.gz",
 ];
 
 fn ratio(trace: &gpumem_trace::Trace, policy: &str) -> f64 {

@@ -103,8 +103,15 @@ impl<D: Device> Packed<D> {
         if self.frontier_would_overflow(&place) {
             return Err(self.out_of_memory(orig, need, stream));
         }
-        let keep = (place.start, place.map_to.max(place.start + size));
-        if self.mapped_bytes + need > self.high_water {
+        // Each step can move the best place (recycling opens holes, compaction unmaps pages),
+        // and a new place can make idle chunks recyclable that the old one overlapped: so
+        // the steps repeat while they change something (three rounds at most).
+        for _ in 0..3 {
+            if self.mapped_bytes + need <= self.high_water {
+                break;
+            }
+            let before = (self.mapped_bytes, place.start, need);
+            let keep = (place.start, place.map_to.max(place.start + size));
             self.recycle(need, self.high_water, keep)?;
             // recycling may have opened a better place (or moved the frontier down)
             place = self.placement(size, stream);
@@ -128,6 +135,9 @@ impl<D: Device> Packed<D> {
                     place = self.placement(size, stream);
                     need = place.map_to - place.map_from;
                 }
+            }
+            if (self.mapped_bytes, place.start, need) == before {
+                break;
             }
         }
         if let Some(max) = self.allowed_memory_maximum {
