@@ -18,8 +18,8 @@
 //! device first, because the copy must see every write to the live blocks, and no kernel may
 //! use them while it runs: a program that launches work from one thread while another
 //! allocates must turn it off (`compaction:False`). Both allocations exist during the copy;
-//! that memory is counted, and a chunk is compacted only if what it keeps is no more than
-//! what the request would map anyway (and within the memory fraction, if one is set).
+//! that memory is counted, and kept under the peak (Note [The copy's memory]) and within the
+//! memory fraction, if one is set.
 //!
 //! It is not free: about 250-390 µs per chunk on an H100 (`gpumem bench --device cuda`),
 //! mostly the release of the old allocation. docs/policy.md has what it costs per trace.
