@@ -1,12 +1,11 @@
 //! The `torch` policy is PyTorch's algorithm: replaying real PyTorch traces reproduces every
 //! decision PyTorch made, and PyTorch's own figures.
 
+mod common;
+
+use common::{data, RECORDED};
 use gpumem::{Policy, SimDevice};
 use gpumem_trace::{read_trace, replay, replay_into, stats_differences, ReplayOptions};
-
-fn data(name: &str) -> String {
-    format!("{}/../../testdata/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 struct Figures {
     trace: &'static str,
@@ -94,21 +93,12 @@ fn torch_policy_reproduces_pytorch_exactly() {
     }
 }
 
-/// Traces of other workloads, recorded on the H100 by scripts/record_traces.py: the torch
-/// policy must reproduce them too, decision by decision and counter by counter.
+/// Traces of other workloads, recorded on the H100 for this project: the torch policy must
+/// reproduce them too, decision by decision and counter by counter.
 #[test]
 fn torch_policy_reproduces_traces_it_was_not_written_against() {
     let torch = Policy::parse("torch").unwrap();
-    for name in [
-        "mlp_varbatch_infer.jsonl.gz",
-        "transformer_lm_fp16.jsonl.gz",
-        "unet_seg_train.jsonl.gz",
-        "lstm_varlen_train.jsonl.gz",
-        "multiscale_cnn_train.jsonl.gz",
-        "gpt2_train_bf16_24steps.jsonl.gz",
-        "resnet50_train_24steps.jsonl.gz",
-        "vit_train_amp_24steps.jsonl.gz",
-    ] {
+    for name in RECORDED {
         let trace = read_trace(&data(name)).unwrap();
         let (r, alloc) =
             replay_into(&trace, &torch, SimDevice::default(), &verify(), &mut |_, _| {}).unwrap();

@@ -1,12 +1,11 @@
 //! Each reader on real files, and on each kind of broken file.
 
+mod common;
+
+use common::data;
 use gpumem::{Action, Policy, SimDevice};
 use gpumem_trace::{read_trace, read_trace_bytes, replay, Location, ReplayError, ReplayOptions};
 use std::collections::BTreeMap;
-
-fn data(name: &str) -> String {
-    format!("{}/../../testdata/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 fn err(bytes: &[u8]) -> String {
     read_trace_bytes("bad.trace", bytes).unwrap_err().to_string()
