@@ -35,11 +35,12 @@ use crate::packed::{Chunk, Packed};
 use crate::stats::PoolKind;
 
 /// A chunk that compaction would shrink: the runs of pages under its live blocks (with the
-/// number of live blocks and their bytes on each) and the bytes it would give back.
+/// number of live blocks and their bytes on each), and the bytes of those runs: what the
+/// copy allocates anew and the chunk keeps.
 pub(crate) struct Candidate {
     pub chunk: u32,
     pub runs: Vec<Run>,
-    pub freed: u64,
+    pub kept: u64,
 }
 
 /// A run of pages under live blocks: `start..end`, `users` blocks with `live_bytes` on it.
@@ -90,7 +91,7 @@ impl<D: Device> Packed<D> {
             }
         }
         let kept: u64 = runs.iter().map(|r| r.end - r.start).sum();
-        (kept < ch.size).then(|| Candidate { chunk: c, runs, freed: ch.size - kept })
+        (kept < ch.size).then_some(Candidate { chunk: c, runs, kept })
     }
 
     /// Checks every chunk's count of live blocks and live bytes against a recount (the
@@ -117,8 +118,7 @@ impl<D: Device> Packed<D> {
     /// below the frontier is tiled by free pieces and live blocks, so this walks it from the
     /// last free piece that starts at or before `lo`.
     fn live_blocks_in(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
-        let mut p =
-            self.starts.range(..=lo).rev().find(|a| self.spans.contains_key(a)).copied().unwrap_or(self.base);
+        let mut p = self.piece_at_or_before(lo).map_or(self.base, |piece| piece.0);
         let mut out = Vec::new();
         while p < hi && p < self.frontier {
             if let Some(&(size, _)) = self.spans.get(&p) {
@@ -149,21 +149,17 @@ impl<D: Device> Packed<D> {
         // the request would have mapped let the peak creep up by a copy's worth at every
         // step of a long training run: vit, 24 steps, 1.026×.)
         let cands: Vec<Candidate> = order.into_iter().filter_map(|c| self.candidate(c)).collect();
-        let kept_of = |p: &Packed<D>, cand: &Candidate| {
-            p.chunks[cand.chunk as usize].as_ref().unwrap().size - cand.freed
-        };
         let mut done = vec![false; cands.len()];
         let mut any = false;
-        loop {
+        while self.mapped_bytes + needed > limit {
             let mut progress = false;
             for (i, cand) in cands.iter().enumerate() {
-                if done[i] || self.mapped_bytes + needed <= limit {
-                    continue;
+                if self.mapped_bytes + needed <= limit {
+                    break;
                 }
-                let kept = kept_of(self, cand);
                 let ceiling = if limit > 0 { limit.max(self.high_water) } else { u64::MAX };
                 let ceiling = self.allowed_memory_maximum.map_or(ceiling, |max| ceiling.min(max));
-                if self.mapped_bytes + kept > ceiling {
+                if done[i] || self.mapped_bytes + cand.kept > ceiling {
                     continue;
                 }
                 done[i] = true;
@@ -173,18 +169,14 @@ impl<D: Device> Packed<D> {
                 progress = true;
                 any = true;
             }
-            if self.mapped_bytes + needed <= limit || progress {
-                if progress && self.mapped_bytes + needed > limit {
-                    continue;
-                }
-                break;
+            if progress {
+                continue;
             }
             // nothing fits under the ceiling: compact the chunk that keeps the least, once
-            let Some(i) = (0..cands.len()).filter(|&i| !done[i]).min_by_key(|&i| kept_of(self, &cands[i]))
-            else {
+            let Some(i) = (0..cands.len()).filter(|&i| !done[i]).min_by_key(|&i| cands[i].kept) else {
                 break;
             };
-            let kept = kept_of(self, &cands[i]);
+            let kept = cands[i].kept;
             if kept > needed || self.allowed_memory_maximum.is_some_and(|max| self.mapped_bytes + kept > max)
             {
                 break;
@@ -218,20 +210,18 @@ impl<D: Device> Packed<D> {
             Err(e) => return Err(e.into()),
         }
         // Both allocations were held during the copy: the peak must say so.
-        let kept = size - cand.freed;
-        self.stats.reserved_bytes.increase(PoolKind::Large, kept);
-        self.high_water = self.high_water.max(self.mapped_bytes + kept);
+        self.stats.reserved_bytes.increase(PoolKind::Large, cand.kept);
+        self.high_water = self.high_water.max(self.mapped_bytes + cand.kept);
         self.stats.reserved_bytes.decrease(PoolKind::Large, size);
-        self.mapped_bytes -= cand.freed;
+        self.mapped_bytes -= size - cand.kept;
         self.chunks[c as usize] = None;
         self.vacant_chunks.push(c);
         self.stats.num_device_free += 1;
         let first = self.pages(start, size);
         self.page_chunk[first].fill(0);
         for r in &cand.runs {
-            let (users, live_bytes) = (r.users, r.live_bytes);
-            let size = r.end - r.start;
-            self.add_chunk(Chunk { start: r.start, size, users, live_bytes, other_streams, idle_since: 0 });
+            let (start, size, users, live_bytes) = (r.start, r.end - r.start, r.users, r.live_bytes);
+            self.add_chunk(Chunk { start, size, users, live_bytes, other_streams, idle_since: 0 });
             // the runs stay mapped (in new memory): for the history, only the gaps change
             self.stats.num_device_alloc += 1;
         }

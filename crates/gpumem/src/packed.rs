@@ -231,10 +231,16 @@ impl<D: Device> Packed<D> {
 
     /// The free or unmapped piece that holds `addr`, as (start, size, kind).
     pub(crate) fn piece_containing(&self, addr: u64) -> Option<(u64, u64, Piece)> {
-        // the nearest live entry at or below addr (stale ones are skipped)
-        let (start, &(size, kind)) =
-            self.starts.range(..=addr).rev().find_map(|a| self.spans.get(a).map(|v| (*a, v)))?;
-        (addr < start + size).then_some((start, size, kind))
+        self.piece_at_or_before(addr).filter(|&(start, size, _)| addr < start + size)
+    }
+
+    /// The last free or unmapped piece that starts at or before `addr`, as (start, size,
+    /// kind) (stale entries of `starts` are skipped).
+    pub(crate) fn piece_at_or_before(&self, addr: u64) -> Option<(u64, u64, Piece)> {
+        self.starts
+            .range(..=addr)
+            .rev()
+            .find_map(|&a| self.spans.get(&a).map(|&(size, kind)| (a, size, kind)))
     }
 
     /// Adds free (or unmapped) space, merging it with like neighbours.

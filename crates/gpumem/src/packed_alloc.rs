@@ -25,6 +25,18 @@ struct Placement {
     map_to: u64,
 }
 
+impl Placement {
+    /// The bytes to map.
+    fn need(&self) -> u64 {
+        self.map_to - self.map_from
+    }
+
+    /// Where the block will lie, mapped or not: recycling and compaction leave it alone.
+    fn keep(&self) -> (u64, u64) {
+        (self.start, self.map_to.max(self.start + self.size))
+    }
+}
+
 impl<D: Device> Packed<D> {
     pub(crate) fn malloc(&mut self, orig: u64, stream: StreamId) -> Result<u64, AllocError> {
         if orig >= MAX_REQUEST {
@@ -99,60 +111,53 @@ impl<D: Device> Packed<D> {
     /// peak, maps, and returns the address of a free piece now large enough.
     fn grow(&mut self, size: u64, stream: StreamId, orig: u64) -> Result<u64, AllocError> {
         let mut place = self.placement(size, stream);
-        let mut need = place.map_to - place.map_from;
         if self.frontier_would_overflow(&place) {
-            return Err(self.out_of_memory(orig, need, stream));
+            return Err(self.out_of_memory(orig, place.need(), stream));
         }
         // Each step can move the best place (recycling opens holes, compaction unmaps pages),
         // and a new place can make idle chunks recyclable that the old one overlapped: so
         // the steps repeat while they change something (three rounds at most).
         for _ in 0..3 {
-            if self.mapped_bytes + need <= self.high_water {
+            if !self.exceeds(&place, self.high_water) {
                 break;
             }
-            let before = (self.mapped_bytes, place.start, need);
-            let keep = (place.start, place.map_to.max(place.start + size));
-            self.recycle(need, self.high_water, keep)?;
+            let before = (self.mapped_bytes, place.start, place.need());
+            self.recycle(place.need(), self.high_water, place.keep())?;
             // recycling may have opened a better place (or moved the frontier down)
             place = self.placement(size, stream);
-            need = place.map_to - place.map_from;
-            if self.config.compaction && self.mapped_bytes + need > self.high_water {
-                let keep = (place.start, place.map_to.max(place.start + size));
-                if self.compact(need, self.high_water, keep)? {
-                    place = self.placement(size, stream);
-                    need = place.map_to - place.map_from;
-                }
+            if self.config.compaction
+                && self.exceeds(&place, self.high_water)
+                && self.compact(place.need(), self.high_water, place.keep())?
+            {
+                place = self.placement(size, stream);
             }
             // Note [Idle chunks a block would pin]: landing partly on an idle chunk, the block
             // would pin the rest of it; unmapped first, the chunk's pages come back in the
             // block's own shapes (two device calls, paid only when the peak would rise).
-            if self.mapped_bytes + need > self.high_water {
+            if self.exceeds(&place, self.high_water) {
                 let partial = self.partly_covered_idle_chunks(place.start, size);
                 if !partial.is_empty() {
                     for c in partial {
                         self.unmap_chunk(c)?;
                     }
                     place = self.placement(size, stream);
-                    need = place.map_to - place.map_from;
                 }
             }
-            if (self.mapped_bytes, place.start, need) == before {
+            if (self.mapped_bytes, place.start, place.need()) == before {
                 break;
             }
         }
         if let Some(max) = self.allowed_memory_maximum {
-            if self.mapped_bytes + need > max {
-                let keep = (place.start, place.map_to.max(place.start + size));
-                self.recycle(need, max, keep)?;
+            if self.exceeds(&place, max) {
+                self.recycle(place.need(), max, place.keep())?;
                 if self.config.compaction
-                    && self.mapped_bytes + need > max
-                    && self.compact(need, max, keep)?
+                    && self.exceeds(&place, max)
+                    && self.compact(place.need(), max, place.keep())?
                 {
                     place = self.placement(size, stream);
-                    need = place.map_to - place.map_from;
                 }
-                if self.mapped_bytes + need > max {
-                    return Err(self.out_of_memory(orig, need, stream));
+                if self.exceeds(&place, max) {
+                    return Err(self.out_of_memory(orig, place.need(), stream));
                 }
             }
         }
@@ -160,17 +165,21 @@ impl<D: Device> Packed<D> {
             // The device is full: give back every idle chunk and try once more.
             self.synchronize_and_free_events()?;
             self.stats.num_alloc_retries += 1;
-            let keep = (place.start, place.map_to.max(place.start + size));
-            self.recycle(need, 0, keep)?;
+            self.recycle(place.need(), 0, place.keep())?;
             if self.config.compaction {
-                self.compact(need, 0, keep)?;
+                self.compact(place.need(), 0, place.keep())?;
             }
             place = self.placement(size, stream);
             if !self.map_range(&place, stream)? {
-                return Err(self.out_of_memory(orig, place.map_to - place.map_from, stream));
+                return Err(self.out_of_memory(orig, place.need(), stream));
             }
         }
         Ok(place.start)
+    }
+
+    /// Whether mapping what `place` needs would take reserved memory over `limit`.
+    fn exceeds(&self, place: &Placement, limit: u64) -> bool {
+        self.mapped_bytes + place.need() > limit
     }
 
     /// Idle chunks under `[addr, addr + size)` with a page or more outside the block's pages:
