@@ -362,6 +362,9 @@ fn kind_from_name(name: &str) -> Result<PolicyKind, ConfigError> {
         .map_or_else(|| err(format!("unknown policy '{name}' (known: {})", Policy::NAMES.join(", "))), Ok)
 }
 
+/// Options that only the `gpumem` policy has.
+const GPUMEM_ONLY: &[&str] = &["compact_factor", "compaction"];
+
 /// Options that only PyTorch's algorithm has.
 const TORCH_ONLY: &[&str] = &[
     "max_split_size_mb",
@@ -400,7 +403,7 @@ impl AllocatorConfig {
 
     /// Checks that every option applies to `kind`.
     pub fn check_for(&self, kind: PolicyKind) -> Result<(), ConfigError> {
-        if let Some(k) = self.keys.iter().find(|k| *k == "compact_factor" || *k == "compaction") {
+        if let Some(k) = self.keys.iter().find(|k| GPUMEM_ONLY.contains(&k.as_str())) {
             if kind != PolicyKind::Gpumem {
                 return err(format!("{k} applies to the gpumem policy only"));
             }

@@ -255,11 +255,7 @@ impl Device for CudaDevice {
         // The new allocations are first mapped in a scratch range at the same offsets, the
         // live contents copied there, and only then is the old allocation unmapped and the new
         // ones mapped in its place. A failure before the unmap leaves everything as it was.
-        let mut scratch: sys::CUdeviceptr = 0;
-        // SAFETY: valid out-pointer; size is a multiple of the granularity.
-        check("cuMemAddressReserve", unsafe {
-            sys::cuMemAddressReserve(&mut scratch, size as usize, 0, 0, 0)
-        })?;
+        let scratch = self.reserve(size)?;
         let mut made: Vec<(u64, u64, sys::CUmemGenericAllocationHandle)> = Vec::with_capacity(keep.len());
         let staged = (|| {
             for &(a, n) in keep {
@@ -281,8 +277,8 @@ impl Device for CudaDevice {
                 unsafe { sys::cuMemUnmap(scratch + (a - ptr), n as usize) };
                 let _ = release(handle);
             }
-            // SAFETY: everything in the scratch range is unmapped now.
-            unsafe { sys::cuMemAddressFree(scratch, size as usize) };
+            // everything in the scratch range is unmapped now
+            let _ = self.unreserve(scratch, size);
         };
         if let Err(e) = staged {
             unstage(&made);

@@ -356,45 +356,34 @@ impl<D: Device> Packed<D> {
         Ok(Some(c))
     }
 
-    /// Waits until no work can still use a chunk's pages.
-    ///
-    /// Note [Which wait before unmapping]
-    /// -----------------------------------
-    /// Unmapping does not wait for the GPU (Note [Unmapping does not wait] in cuda.rs).
-    /// PyTorch waits for the segment's stream. A chunk used only on the default stream
-    /// waits for that stream, which cannot be destroyed; one used on other streams waits
-    /// for the whole device, which needs no stream handle: a stream the program has
-    /// destroyed since it used the chunk must not be synchronized.
-    fn wait_for_chunk(&self, other_streams: bool) -> Result<(), AllocError> {
-        if other_streams {
-            self.device.synchronize_device()?;
-        } else {
-            self.device.synchronize_stream(StreamId::DEFAULT)?;
-        }
-        Ok(())
-    }
-
     /// Unmaps chunk `c` (idle, or just mapped and not yet used) and forgets it.
     fn release_chunk(&mut self, c: u32) -> Result<Chunk, AllocError> {
         let ch = self.chunks[c as usize].take().expect("a live chunk");
         debug_assert_eq!(ch.users, 0);
-        self.wait_for_chunk(ch.other_streams)?;
+        // Note [Which wait before unmapping]
+        // -----------------------------------
+        // Unmapping does not wait for the GPU (Note [Unmapping does not wait] in cuda.rs).
+        // PyTorch waits for the segment's stream. A chunk used only on the default stream
+        // waits for that stream, which cannot be destroyed; one used on other streams waits
+        // for the whole device, which needs no stream handle: a stream the program has
+        // destroyed since it used the chunk must not be synchronized.
+        if ch.other_streams {
+            self.device.synchronize_device()?;
+        } else {
+            self.device.synchronize_stream(StreamId::DEFAULT)?;
+        }
         let unmapped = self.device.unmap(ch.start, ch.size);
-        self.forget_chunk(c, &ch);
-        unmapped?;
-        self.stats.num_device_free += 1;
-        self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
-        Ok(ch)
-    }
-
-    /// The bookkeeping of a chunk whose memory is gone.
-    fn forget_chunk(&mut self, c: u32, ch: &Chunk) {
+        // the chunk is gone from the table either way: keep the counts consistent with it
         self.idle_bytes -= ch.size;
         self.mapped_bytes -= ch.size;
         self.vacant_chunks.push(c);
         let pages = self.pages(ch.start, ch.size);
         self.page_chunk[pages].fill(0);
         self.stats.reserved_bytes.decrease(PoolKind::Large, ch.size);
+        unmapped?;
+        self.stats.num_device_free += 1;
+        self.history.record(Action::SegmentUnmap, ch.start, ch.size, StreamId::DEFAULT);
+        Ok(ch)
     }
 
     /// Undoes `map_chunk` for a chunk no piece refers to yet (a mapping that failed halfway).

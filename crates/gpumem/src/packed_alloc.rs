@@ -4,7 +4,7 @@
 use crate::device::{Device, StreamId};
 use crate::error::{fraction_hint, AllocError, OutOfMemory};
 use crate::history::Action;
-use crate::packed::{Packed, Piece, Used};
+use crate::packed::{Chunk, Packed, Piece, Used};
 use crate::size::{self, MAX_REQUEST};
 use crate::snapshot::{BlockInfo, BlockState, SegmentInfo};
 use crate::stats::PoolKind;
@@ -187,30 +187,25 @@ impl<D: Device> Packed<D> {
     fn partly_covered_idle_chunks(&self, addr: u64, size: u64) -> Vec<u32> {
         let page = self.page;
         let (lo, hi) = (addr / page * page, (addr + size).div_ceil(page) * page);
-        let mut out = Vec::new();
-        let mut p = addr;
-        while p < addr + size {
-            let Some(c) = self.chunk_at(p) else {
-                p = (p / page + 1) * page;
-                continue;
-            };
-            let ch = self.chunks[c as usize].as_ref().unwrap();
-            if ch.users == 0 && (ch.start < lo || ch.start + ch.size > hi) {
-                out.push(c);
-            }
-            p = ch.start + ch.size;
-        }
-        out
+        self.idle_chunks_under(addr, size, |ch| ch.start < lo || ch.start + ch.size > hi)
     }
 
     /// Idle chunks under `[addr, addr + size)` more than `f` times larger than the block.
     fn oversized_idle_chunks(&self, addr: u64, size: u64, f: u64) -> Vec<u32> {
+        self.idle_chunks_under(addr, size, |ch| ch.size > f * size && ch.size > 4 * self.page)
+    }
+
+    /// The idle chunks under `[addr, addr + size)` (unmapped pages skipped) that `pick` says.
+    fn idle_chunks_under(&self, addr: u64, size: u64, pick: impl Fn(&Chunk) -> bool) -> Vec<u32> {
         let mut out = Vec::new();
         let mut p = addr;
         while p < addr + size {
-            let c = self.chunk_at(p).unwrap();
+            let Some(c) = self.chunk_at(p) else {
+                p = (p / self.page + 1) * self.page;
+                continue;
+            };
             let ch = self.chunks[c as usize].as_ref().unwrap();
-            if ch.users == 0 && ch.size > f * size && ch.size > 4 * self.page {
+            if ch.users == 0 && pick(ch) {
                 out.push(c);
             }
             p = ch.start + ch.size;

@@ -126,9 +126,7 @@ impl SimDevice {
     /// that moving pages keeps the data of live blocks.
     pub fn write_tag(&self, addr: u64, tag: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
-        let backed =
-            |m: &BTreeMap<u64, u64>| m.range(..=addr).next_back().is_some_and(|(&p, &z)| addr < p + z);
-        if !backed(&s.segments) && !backed(&s.mappings) {
+        if !overlaps(&s.segments, addr, 1) && !overlaps(&s.mappings, addr, 1) {
             return Err(DeviceError::InvalidAddress(addr, "no memory is mapped there"));
         }
         s.tags.insert(addr, tag);
