@@ -7,8 +7,9 @@
 use gpumem::{AllocError, Allocator, AllocatorConfig, CudaAllocator, CudaDevice, Device, StreamId, Tensor};
 use std::sync::Arc;
 
-fn gpu(_name: &str) -> Option<CudaDevice> {
-    CudaDevice::new(0).ok()
+/// GPU 0. `main` runs the tests only where it opens.
+fn gpu() -> CudaDevice {
+    CudaDevice::new(0).expect("GPU 0 opened when main checked")
 }
 
 fn allocator(dev: CudaDevice, conf: &str) -> Arc<CudaAllocator> {
@@ -24,7 +25,7 @@ impl Lcg {
 }
 
 fn gpu_engine_invariants_hold_on_the_real_device() {
-    let Some(dev) = gpu("gpu_engine_invariants_hold_on_the_real_device") else { return };
+    let dev = gpu();
     for conf in [
         "",
         "expandable_segments:True",
@@ -75,7 +76,7 @@ fn gpu_engine_invariants_hold_on_the_real_device() {
 }
 
 fn gpu_tutorial_walkthrough_and_driver_free_memory() {
-    let Some(dev) = gpu("gpu_tutorial_walkthrough_and_driver_free_memory") else { return };
+    let dev = gpu();
     let a = allocator(dev.clone(), "");
     let stream = dev.context().default_stream();
     // cuRAND loads its kernels into device memory on first use, outside any cache: warm it
@@ -106,7 +107,7 @@ fn gpu_tutorial_walkthrough_and_driver_free_memory() {
 }
 
 fn gpu_data_survives_other_allocations() {
-    let Some(dev) = gpu("gpu_data_survives_other_allocations") else { return };
+    let dev = gpu();
     for conf in
         ["", "expandable_segments:True", "policy:gpumem", "policy:gpumem,compact_factor:2,compaction:False"]
     {
@@ -143,7 +144,7 @@ unsafe extern "C" fn block_stream(_: *mut std::ffi::c_void) {
 }
 
 fn gpu_record_stream_holds_the_block_until_the_other_stream_is_done() {
-    let Some(dev) = gpu("gpu_record_stream_holds_the_block_until_the_other_stream_is_done") else { return };
+    let dev = gpu();
     let ctx = dev.context().clone();
     let a_stream = ctx.new_stream().unwrap();
     let b_stream = ctx.new_stream().unwrap();
@@ -173,7 +174,7 @@ fn gpu_record_stream_holds_the_block_until_the_other_stream_is_done() {
 }
 
 fn gpu_expandable_pages_map_and_unmap_safely() {
-    let Some(dev) = gpu("gpu_expandable_pages_map_and_unmap_safely") else { return };
+    let dev = gpu();
     let a = allocator(dev.clone(), "expandable_segments:True");
     let stream = dev.context().default_stream();
     let mut keep = Vec::new();
@@ -200,7 +201,7 @@ fn gpu_expandable_pages_map_and_unmap_safely() {
 }
 
 fn gpu_out_of_memory_is_typed_and_recoverable() {
-    let Some(dev) = gpu("gpu_out_of_memory_is_typed_and_recoverable") else { return };
+    let dev = gpu();
     for conf in ["", "expandable_segments:True", "policy:gpumem"] {
         let a = allocator(dev.clone(), conf);
         let (_, total) = dev.mem_get_info().unwrap();
@@ -219,7 +220,7 @@ fn gpu_out_of_memory_is_typed_and_recoverable() {
 }
 
 fn gpu_gpumem_recycles_a_page_only_after_its_stream_is_done() {
-    let Some(dev) = gpu("gpu_gpumem_recycles_a_page_only_after_its_stream_is_done") else { return };
+    let dev = gpu();
     let ctx = dev.context().clone();
     let a_stream = ctx.new_stream().unwrap();
     let b_stream = ctx.new_stream().unwrap();
@@ -280,7 +281,7 @@ DONE:
 
 fn gpu_cudarc_kernels_take_gpumem_tensors() {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
-    let Some(dev) = gpu("gpu_cudarc_kernels_take_gpumem_tensors") else { return };
+    let dev = gpu();
     let ctx = dev.context().clone();
     let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ADD_ONE_PTX)).unwrap();
     let add_one = module.load_function("add_one").unwrap();
@@ -305,7 +306,6 @@ fn gpu_cudarc_kernels_take_gpumem_tensors() {
 }
 
 fn gpu_global_api_and_every_gpu() {
-    let Some(_) = gpu("gpu_global_api_and_every_gpu") else { return };
     let n = gpumem::device_count().unwrap();
     // one allocator per GPU, all at once, each with its own data and its own counters
     let mut held = Vec::new();
@@ -337,7 +337,7 @@ fn gpu_global_api_and_every_gpu() {
 }
 
 fn gpu_gpumem_compaction_moves_pages_under_live_tensors_intact() {
-    let Some(dev) = gpu("gpu_gpumem_compaction_moves_pages_under_live_tensors_intact") else { return };
+    let dev = gpu();
     let a = allocator(dev.clone(), "policy:gpumem");
     let stream = dev.context().default_stream();
     // a 64 MiB chunk, freed, then pinned by a 1 MiB tensor; a guard closes it from above
