@@ -54,6 +54,10 @@ pub struct AllocatorConfig {
     /// given back by moving the pages under the live blocks (`compaction`, default True; Note
     /// \[Compaction\] in `compact.rs`).
     pub compaction: bool,
+    /// `gpumem` policy only: whether a training loop's period, once it has repeated exactly,
+    /// is planned and followed (`periodic_plan`, default True; Note \[Periodic plans\] in
+    /// `plan.rs`).
+    pub periodic_plan: bool,
     /// The keys that were set, in order.
     pub keys: Vec<String>,
     /// Keys PyTorch accepts that concern things gpumem does not manage (pinned host memory,
@@ -76,6 +80,7 @@ impl Default for AllocatorConfig {
             policy: None,
             compact_factor: 0,
             compaction: true,
+            periodic_plan: true,
             keys: Vec::new(),
             inert: Vec::new(),
             source: String::new(),
@@ -218,6 +223,7 @@ impl AllocatorConfig {
             "roundup_power2_divisions" => self.parse_divisions(t)?,
             "compact_factor" => self.compact_factor = parse_u64(key, &t.next(key)?)?,
             "compaction" => self.compaction = parse_bool(key, &t.next(key)?)?,
+            "periodic_plan" => self.periodic_plan = parse_bool(key, &t.next(key)?)?,
             "policy" => {
                 let v = t.next(key)?;
                 self.policy = Some(kind_from_name(&v)?);
@@ -274,7 +280,7 @@ impl AllocatorConfig {
                 return err(format!(
                     "unrecognized option '{key}' (known: max_split_size_mb, max_non_split_rounding_mb, \
                      garbage_collection_threshold, roundup_power2_divisions, expandable_segments, \
-                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, and PyTorch's pinned_* keys)"
+                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, periodic_plan, and PyTorch's pinned_* keys)"
                 ))
             }
         }
@@ -363,7 +369,7 @@ fn kind_from_name(name: &str) -> Result<PolicyKind, ConfigError> {
 }
 
 /// Options that only the `gpumem` policy has.
-const GPUMEM_ONLY: &[&str] = &["compact_factor", "compaction"];
+const GPUMEM_ONLY: &[&str] = &["compact_factor", "compaction", "periodic_plan"];
 
 /// Options that only PyTorch's algorithm has.
 const TORCH_ONLY: &[&str] = &[

@@ -32,6 +32,8 @@ mod global;
 mod history;
 mod packed;
 mod packed_alloc;
+mod plan;
+mod plan_region;
 mod pool;
 mod release;
 mod sim;

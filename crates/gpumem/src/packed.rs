@@ -40,6 +40,8 @@ use crate::engine::PtrMap;
 use crate::error::AllocError;
 use crate::events::PendingFrees;
 use crate::history::{Action, History};
+use crate::plan::Detector;
+use crate::plan_region::ActivePlan;
 use crate::stats::{DeviceStats, PoolKind};
 use std::collections::{BTreeSet, VecDeque};
 
@@ -51,15 +53,20 @@ pub(crate) struct Used {
     pub allocated: bool,
     pub event_count: u32,
     pub stream_uses: Vec<StreamId>,
+    /// The request's sequence number, for the period detector (Note [Periodic plans]).
+    pub seq: u64,
 }
 
 /// A piece of the address range: a live block, or free space (mapped, with its owning
-/// stream, or unmapped).
+/// stream, or unmapped), or free space of the plan's region (mapped or not), which only
+/// planned blocks use (Note [Periodic plans] in `plan.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Piece {
     Used,
     Free { stream: u64 },
     Unmapped,
+    Planned,
+    Reserved,
 }
 
 /// One physical allocation mapped at `start..start + size`.
@@ -121,6 +128,10 @@ pub(crate) struct Packed<D: Device> {
     pub high_water: u64,
     /// Frees waiting for other streams, by block address.
     pub pending: PendingFrees<u64>,
+    /// Watches the requests for a training loop's period (Note [Periodic plans]).
+    pub detector: Detector,
+    /// The plan being followed, and its region.
+    pub plan: Option<ActivePlan>,
 }
 
 impl<D: Device> Packed<D> {
@@ -157,6 +168,8 @@ impl<D: Device> Packed<D> {
             mapped_bytes: 0,
             high_water: 0,
             pending: PendingFrees::default(),
+            detector: Detector::new(),
+            plan: None,
         })
     }
 
@@ -177,6 +190,7 @@ impl<D: Device> Packed<D> {
             Piece::Unmapped => {
                 self.unmapped.insert(addr);
             }
+            Piece::Planned | Piece::Reserved => {}
             Piece::Used => unreachable!("live blocks are kept in `live`"),
         }
     }
@@ -191,6 +205,7 @@ impl<D: Device> Packed<D> {
             Piece::Unmapped => {
                 self.unmapped.remove(&addr);
             }
+            Piece::Planned | Piece::Reserved => {}
             Piece::Used => unreachable!(),
         }
         (size, kind)
@@ -401,10 +416,20 @@ impl<D: Device> Packed<D> {
     /// Turns the free pieces over `start..end` (of any streams; no live block may lie there)
     /// into unmapped space, after the pages under them were unmapped.
     pub(crate) fn unmap_free_range(&mut self, start: u64, end: u64) {
+        // the plan's region keeps its address space: unmapped there, it is reserved for the
+        // plan (Note [Periodic plans])
+        let unmapped = if self.in_plan_region(start) {
+            if let Some(ap) = self.plan.as_mut() {
+                ap.unmapped += end - start;
+            }
+            Piece::Reserved
+        } else {
+            Piece::Unmapped
+        };
         let mut at = self.piece_containing(start).map_or(start, |p| p.0);
         while at < end {
             let (size, kind) = self.take_piece(at);
-            debug_assert!(matches!(kind, Piece::Free { .. }), "only free space is unmapped");
+            debug_assert!(matches!(kind, Piece::Free { .. } | Piece::Planned), "only free space is unmapped");
             let (lo, hi) = (at.max(start), (at + size).min(end));
             if at < lo {
                 self.set_piece(at, lo - at, kind);
@@ -412,7 +437,7 @@ impl<D: Device> Packed<D> {
             if hi < at + size {
                 self.set_piece(hi, at + size - hi, kind);
             }
-            self.insert_free(lo, hi - lo, Piece::Unmapped);
+            self.insert_free(lo, hi - lo, unmapped);
             at += size;
         }
     }

@@ -11,7 +11,7 @@ use crate::stats::PoolKind;
 
 /// The largest chunk mapped in one call. Larger interiors are split, so that a block that
 /// later lands partly in a huge freed region pins at most this much (Note [Chunk shapes]).
-const MAX_CHUNK: u64 = 256 << 20;
+pub(crate) const MAX_CHUNK: u64 = 256 << 20;
 
 /// The `gpumem` policy has one arena, not PyTorch's two pools: its stats appear under the
 /// large pool (and "all").
@@ -44,6 +44,12 @@ impl<D: Device> Packed<D> {
         }
         self.process_events()?;
         let size = size::round_size(orig, &self.config);
+        let search = self.config.periodic_plan && self.plan.is_none();
+        let seq = self.detector.on_alloc(size, stream.0, search);
+        if let Some(addr) = self.place_planned(size, stream)? {
+            self.install(addr, size, stream, orig, seq);
+            return Ok(addr);
+        }
         // Fast path: the best-fitting mapped hole of this stream.
         let mut hit = self.best_fit(stream, size);
         let factor = self.config.compact_factor;
@@ -69,7 +75,13 @@ impl<D: Device> Packed<D> {
         // At the start of the hole, not its end: the block then lies over the chunks it
         // shares with the block freed there before, which keeps chunks whole (measured: taking
         // the end instead costs up to 5 points of reserved memory on the shared traces).
-        self.carve(addr, size, stream, orig);
+        self.carve(addr, size, stream, orig, seq);
+        if let Some(first) = self.detector.confirmed_start().filter(|_| search) {
+            let holes = self.long_lived_holes(first);
+            if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes) {
+                self.adopt(plan, &holes);
+            }
+        }
         Ok(addr)
     }
 
@@ -79,7 +91,7 @@ impl<D: Device> Packed<D> {
     }
 
     /// Takes `size` bytes at the start of the free piece at `addr` for a new block.
-    fn carve(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
+    fn carve(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64, seq: u64) {
         let (psize, kind) = self.spans[&addr];
         debug_assert!(matches!(kind, Piece::Free { .. }) && psize >= size);
         if psize > size {
@@ -87,15 +99,23 @@ impl<D: Device> Packed<D> {
         } else {
             self.take_piece(addr);
         }
-        self.install(addr, size, stream, orig);
+        self.install(addr, size, stream, orig, seq);
     }
 
     /// Records a new live block at `addr`.
-    fn install(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64) {
+    pub(crate) fn install(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64, seq: u64) {
         self.add_users(addr, size, stream);
         self.live.insert(
             addr,
-            Used { size, requested: orig, stream, allocated: true, event_count: 0, stream_uses: Vec::new() },
+            Used {
+                size,
+                requested: orig,
+                stream,
+                allocated: true,
+                event_count: 0,
+                stream_uses: Vec::new(),
+                seq,
+            },
         );
         let k = POOL;
         let s = &mut self.stats;
@@ -147,7 +167,23 @@ impl<D: Device> Packed<D> {
                 break;
             }
         }
+        if self.plan_costs_memory(place.need()) {
+            // the plan's idle memory is ordinary memory now: recycle it first
+            self.recycle(place.need(), self.high_water, place.keep())?;
+            place = self.placement(size, stream);
+            if self.config.compaction
+                && self.exceeds(&place, self.high_water)
+                && self.compact(place.need(), self.high_water, place.keep())?
+            {
+                place = self.placement(size, stream);
+            }
+        }
         if let Some(max) = self.allowed_memory_maximum {
+            if self.exceeds(&place, max) && self.plan.is_some() {
+                // under a cap, the plan's idle memory must be usable: the plan goes
+                self.dissolve_plan();
+                place = self.placement(size, stream);
+            }
             if self.exceeds(&place, max) {
                 self.recycle(place.need(), max, place.keep())?;
                 if self.config.compaction
@@ -162,7 +198,8 @@ impl<D: Device> Packed<D> {
             }
         }
         if !self.map_range(&place, stream)? {
-            // The device is full: give back every idle chunk and try once more.
+            // The device is full: give back every idle chunk (the plan's too) and try once more.
+            self.dissolve_plan();
             self.synchronize_and_free_events()?;
             self.stats.num_alloc_retries += 1;
             self.recycle(place.need(), 0, place.keep())?;
@@ -315,6 +352,7 @@ impl<D: Device> Packed<D> {
         u.allocated = false;
         let (size, requested, stream) = (u.size, u.requested, u.stream);
         let uses = std::mem::take(&mut u.stream_uses);
+        self.detector.on_free(u.seq);
         let k = POOL;
         self.stats.allocation.decrease(k, 1);
         self.stats.allocated_bytes.decrease(k, size);
@@ -338,7 +376,7 @@ impl<D: Device> Packed<D> {
         self.stats.active_bytes.decrease(k, u.size);
         self.stats.requested_bytes.decrease(k, u.requested);
         self.remove_users(ptr, u.size);
-        self.insert_free(ptr, u.size, Piece::Free { stream: u.stream.0 });
+        self.release_block(ptr, u.size, u.stream);
     }
 
     pub(crate) fn record_stream(&mut self, ptr: u64, stream: StreamId) -> Result<(), AllocError> {
@@ -378,6 +416,8 @@ impl<D: Device> Packed<D> {
     /// `empty_cache()`: waits for pending frees, unmaps every idle chunk, and with compaction
     /// gives back the wholly free pages of the chunks that still hold live blocks.
     pub(crate) fn empty_cache(&mut self) -> Result<(), AllocError> {
+        // the plan's region is held only while it saves device calls; here memory comes first
+        self.dissolve_plan();
         self.synchronize_and_free_events()?;
         for c in self.idle_chunks() {
             self.unmap_chunk(c)?;
@@ -399,11 +439,11 @@ impl<D: Device> Packed<D> {
         let mut open = false;
         for (addr, size, kind) in pieces {
             let block = match kind {
-                Piece::Unmapped => {
+                Piece::Unmapped | Piece::Reserved => {
                     open = false;
                     continue;
                 }
-                Piece::Free { .. } => {
+                Piece::Free { .. } | Piece::Planned => {
                     BlockInfo { address: addr, size, requested_size: 0, state: BlockState::Inactive }
                 }
                 Piece::Used => {
