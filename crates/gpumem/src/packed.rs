@@ -129,9 +129,9 @@ pub(crate) struct Packed<D: Device> {
     /// Frees waiting for other streams, by block address.
     pub pending: PendingFrees<u64>,
     /// Watches the requests for a training loop's period (Note [Periodic plans]).
-    pub detector: Detector,
+    pub detector: Box<Detector>,
     /// The plan being followed, and its region.
-    pub plan: Option<ActivePlan>,
+    pub plan: Option<Box<ActivePlan>>,
 }
 
 impl<D: Device> Packed<D> {
@@ -168,7 +168,7 @@ impl<D: Device> Packed<D> {
             mapped_bytes: 0,
             high_water: 0,
             pending: PendingFrees::default(),
-            detector: Detector::new(),
+            detector: Box::new(Detector::new()),
             plan: None,
         })
     }

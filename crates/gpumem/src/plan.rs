@@ -164,7 +164,9 @@ impl Detector {
         if self.candidate == 0 {
             if let Some(&j) = self.seen.get(&self.hash) {
                 let p = seq - j;
-                if (MIN_PERIOD..=MAX_PERIOD).contains(&p) && !self.rejected.iter().any(|&r| p % r == 0) {
+                if (MIN_PERIOD..=MAX_PERIOD).contains(&p)
+                    && !self.rejected.iter().any(|&r| p.is_multiple_of(r))
+                {
                     self.candidate = p;
                     self.matched = 0;
                 }

@@ -139,7 +139,7 @@ impl<D: Device> Packed<D> {
         for &(lo, hi) in &used {
             self.retype_free(lo, hi, |k| k == Piece::Free { stream: plan.stream }, Piece::Planned);
         }
-        self.plan = Some(ActivePlan {
+        self.plan = Some(Box::new(ActivePlan {
             plan,
             base,
             end: base + size,
@@ -149,7 +149,7 @@ impl<D: Device> Packed<D> {
             unmapped: size,
             started: false,
             ceiling,
-        });
+        }));
     }
 
     /// Gives the free pieces of `[lo, hi)` that `from` accepts the kind `to` (they lie
