@@ -62,7 +62,8 @@ impl<D: Device> Packed<D> {
             .filter_map(|(c, ch)| {
                 let ch = ch.as_ref()?;
                 let free = ch.size - ch.live_bytes;
-                let outside = ch.start >= keep.1 || ch.start + ch.size <= keep.0;
+                let outside =
+                    (ch.start >= keep.1 || ch.start + ch.size <= keep.0) && !self.in_plan_region(ch.start);
                 (ch.users > 0 && free >= self.page && outside).then_some((free, c as u32))
             })
             .collect();

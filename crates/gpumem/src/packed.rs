@@ -471,7 +471,8 @@ impl<D: Device> Packed<D> {
                 continue;
             }
             let ch = self.chunks[e.1 as usize].as_ref().unwrap();
-            if ch.start + ch.size > keep.0 && ch.start < keep.1 {
+            // the plan's region stays mapped while the plan is followed
+            if (ch.start + ch.size > keep.0 && ch.start < keep.1) || self.in_plan_region(ch.start) {
                 i += 1;
                 continue;
             }

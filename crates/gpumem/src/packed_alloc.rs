@@ -77,9 +77,9 @@ impl<D: Device> Packed<D> {
         // the end instead costs up to 5 points of reserved memory on the shared traces).
         self.carve(addr, size, stream, orig, seq);
         if let Some(first) = self.detector.confirmed_start().filter(|_| search) {
-            let holes = self.long_lived_holes(first);
+            let (holes, pinned) = self.long_lived_holes(first);
             if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes) {
-                self.adopt(plan, &holes);
+                self.adopt(plan, &holes, pinned);
             }
         }
         Ok(addr)

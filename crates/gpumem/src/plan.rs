@@ -96,6 +96,9 @@ pub(crate) struct Entry {
     pub stream: u64,
     /// Where it goes; `None` for a block that lived longer than a period.
     pub spot: Option<Spot>,
+    /// Whether the block is live at the plan's entry (its place is needed only late in the
+    /// first period followed).
+    pub at_entry: bool,
 }
 
 /// Where a planned block goes.
@@ -252,12 +255,16 @@ impl Detector {
             })
             .collect();
         let (spots, extent) = pack(&blocks, p, holes);
-        let mut entries: Vec<Entry> =
-            recs.iter().map(|r| Entry { size: r.size, stream: r.stream, spot: None }).collect();
-        for (b, spot) in blocks.iter().zip(spots) {
-            entries[b.index].spot = Some(spot);
-        }
+        let mut entries: Vec<Entry> = recs
+            .iter()
+            .map(|r| Entry { size: r.size, stream: r.stream, spot: None, at_entry: false })
+            .collect();
         let (lower_bound, entry, least_live) = live_profile(&blocks, p);
+        for (b, spot) in blocks.iter().zip(spots) {
+            let e = entry as u64;
+            entries[b.index].spot = Some(spot);
+            entries[b.index].at_entry = (b.from <= e && e < b.to) || (b.from <= e + p && e + p < b.to);
+        }
         Some(Plan { period: p as usize, stream, entries, extent, lower_bound, entry, least_live })
     }
 }

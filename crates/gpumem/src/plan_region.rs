@@ -64,8 +64,9 @@ impl<D: Device> Packed<D> {
 
     /// The holes that free space inside the pages of long-lived blocks offers a plan: the
     /// live blocks of requests before `first_seq`, and the pages they touch; of those pages,
-    /// what no such block covers (Note [Holes]).
-    pub(crate) fn long_lived_holes(&self, first_seq: u64) -> Vec<(u64, u64)> {
+    /// what no such block covers (Note [Holes]). Also the bytes of those pages: what the
+    /// long-lived blocks will keep mapped.
+    pub(crate) fn long_lived_holes(&self, first_seq: u64) -> (Vec<(u64, u64)>, u64) {
         let page = self.page;
         let mut blocks: Vec<(u64, u64)> =
             self.live.iter().filter(|(_, u)| u.seq < first_seq).map(|(&a, u)| (a, a + u.size)).collect();
@@ -73,8 +74,10 @@ impl<D: Device> Packed<D> {
         let mut holes = Vec::new();
         let mut run_end = 0; // end of the pages touched by the blocks so far
         let mut covered = 0; // end of the last block
+        let mut pinned = 0;
         for (lo, hi) in blocks {
             let first_page = lo / page * page;
+            pinned += hi.div_ceil(page) * page - first_page.max(run_end).min(hi.div_ceil(page) * page);
             if first_page < run_end && covered < lo {
                 holes.push((covered, lo)); // between two blocks on the same pages
             } else if first_page >= run_end {
@@ -91,17 +94,18 @@ impl<D: Device> Packed<D> {
         if covered < run_end {
             holes.push((covered, run_end));
         }
-        holes.into_iter().map(|(lo, hi)| (lo, hi - lo)).collect()
+        (holes.into_iter().map(|(lo, hi)| (lo, hi - lo)).collect(), pinned)
     }
 
     /// Starts following `plan`, with a region at the top of the used address space and the
-    /// `holes` it was given. A plan that would need clearly more than the period's live
-    /// bytes is not followed, nor one whose blocks never come close to all being freed (Note
-    /// [Taking over]); neither is made again.
-    pub(crate) fn adopt(&mut self, plan: Plan, holes: &[(u64, u64)]) {
+    /// `holes` it was given. A plan that would need more memory than best fit reserved so
+    /// far, with the `pinned` bytes of the pages of long-lived blocks, is not followed, nor
+    /// one whose blocks never come close to all being freed (Note [Taking over]); neither is
+    /// made again.
+    pub(crate) fn adopt(&mut self, plan: Plan, holes: &[(u64, u64)], pinned: u64) {
         let page = self.page;
         let size = plan.extent.div_ceil(page) * page;
-        let loose = plan.extent > plan.lower_bound + plan.lower_bound / 64 + 2 * page;
+        let loose = pinned + size > self.high_water + self.high_water / 256 + 2 * page;
         // Note [Taking over]
         // ------------------
         // The plan is followed from the point of its period where its blocks hold the least:
@@ -120,7 +124,7 @@ impl<D: Device> Packed<D> {
         // Note [The plan's ceiling]: while the plan takes over, the old layout's blocks
         // still hold memory outside the region; if they do not give way, following the plan
         // would raise the peak. Past this ceiling the plan is dropped and not made again.
-        let ceiling = self.high_water + self.high_water / 128;
+        let ceiling = self.high_water + self.high_water / 128 + 4 * page;
         self.frontier = base + size;
         if size > 0 {
             self.set_piece(base, size, Piece::Reserved);
@@ -135,10 +139,6 @@ impl<D: Device> Packed<D> {
             .map(|&(a, n)| (a, a + n))
             .collect();
         used.sort_unstable();
-        // the holes' free space of the plan's stream becomes the plan's
-        for &(lo, hi) in &used {
-            self.retype_free(lo, hi, |k| k == Piece::Free { stream: plan.stream }, Piece::Planned);
-        }
         self.plan = Some(Box::new(ActivePlan {
             plan,
             base,
@@ -202,9 +202,22 @@ impl<D: Device> Packed<D> {
             ap.phase = (ap.phase + 1) % n;
             e = next;
         }
-        ap.started |= ap.phase == ap.plan.entry;
+        let starts = !ap.started && ap.phase == ap.plan.entry;
+        ap.started |= starts;
         ap.phase = (ap.phase + 1) % n;
         ap.misses = 0;
+        if starts {
+            // the holes' free space of the plan's stream becomes the plan's (not before: best
+            // fit uses it until then)
+            let (holes, stream) = (ap.holes.clone(), Piece::Free { stream: ap.plan.stream });
+            for (lo, hi) in holes {
+                self.retype_free(lo, hi, |k| k == stream, Piece::Planned);
+            }
+            self.map_region_ahead()?;
+        }
+        let Some(ap) = self.plan.as_mut() else {
+            return Ok(None);
+        };
         let addr = match e.spot {
             _ if !ap.started => return Ok(None),
             None => return Ok(None),
@@ -281,6 +294,77 @@ impl<D: Device> Packed<D> {
             }
         }
         Ok(true)
+    }
+
+    /// Note [Mapping the region ahead]
+    /// -------------------------------
+    /// Mapped block by block, the region would cost a device call for most blocks of the
+    /// first period followed (GPT-2: about 400). At the plan's entry the blocks of the old
+    /// layout are mostly gone, so their memory is gathered (recycled and compacted) at once,
+    /// and the region is mapped in chunks of up to `MAX_CHUNK`, as far as the peak allows,
+    /// except where the blocks still live in the old layout will next go: those pages are
+    /// mapped when their blocks come, after the old ones are freed.
+    fn map_region_ahead(&mut self) -> Result<(), AllocError> {
+        let Some(ap) = self.plan.as_ref() else {
+            return Ok(());
+        };
+        let page = self.page;
+        let (base, end) = (ap.base, ap.end);
+        let mut late: Vec<(u64, u64)> = ap
+            .plan
+            .entries
+            .iter()
+            .filter(|e| e.at_entry)
+            .filter_map(|e| match e.spot {
+                Some(Spot::Region(o)) => {
+                    Some((base + o) / page * page..(base + o + e.size).div_ceil(page) * page)
+                }
+                _ => None,
+            })
+            .map(|r| (r.start, r.end))
+            .collect();
+        late.sort_unstable();
+        // the region minus the late pages
+        let mut want: Vec<(u64, u64)> = Vec::new();
+        let mut at = base;
+        for (lo, hi) in late.into_iter().chain(std::iter::once((end, end))) {
+            if lo > at {
+                want.push((at, lo));
+            }
+            at = at.max(hi);
+        }
+        let need: u64 = want.iter().map(|w| w.1 - w.0).sum();
+        if self.mapped_bytes + need > self.high_water {
+            self.recycle(need, self.high_water, (base, end))?;
+            if self.config.compaction && self.mapped_bytes + need > self.high_water {
+                self.compact(need, self.high_water, (base, end))?;
+            }
+        }
+        let limit = self.allowed_memory_maximum.map_or(self.high_water, |m| m.min(self.high_water));
+        for (lo, hi) in want {
+            let mut at = lo;
+            while at < hi {
+                let n = (hi - at).min(MAX_CHUNK);
+                let reserved =
+                    matches!(self.piece_containing(at), Some((s, m, Piece::Reserved)) if s + m >= at + n);
+                if !reserved {
+                    at += n; // mapped already
+                    continue;
+                }
+                if self.mapped_bytes + n > limit
+                    || self.map_chunk(at, n, StreamId(self.plan_stream()))?.is_none()
+                {
+                    return Ok(()); // the rest is mapped block by block
+                }
+                self.reserved_to_planned(at, at + n);
+                at += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_stream(&self) -> u64 {
+        self.plan.as_ref().map_or(0, |ap| ap.plan.stream)
     }
 
     /// Turns the just-mapped `[from, to)` of a reserved piece into planned free space.

@@ -166,3 +166,92 @@ proptest! {
         run("garbage_collection_threshold:0.6,per_process_memory_fraction:0.8", &steps);
     }
 }
+
+/// One request of a training step: its size, and how many requests later it is freed.
+fn periodic_step() -> impl Strategy<Value = Vec<(u64, usize)>> {
+    prop::collection::vec((prop_oneof![3 => 512..=MIB, 2 => MIB..8 * MIB], 1usize..60), 64..100)
+}
+
+/// A training loop: the same step `reps` times (every block freed by the step's end, as a
+/// training step frees its activations), with one extra request in the third (which the plan
+/// must survive), and perhaps `empty_cache` early on (which drops any plan), checked after
+/// every request. Returns the device calls made before each step and at the end.
+fn run_periodic(step: &[(u64, usize)], reps: usize, extra_at: usize, empty_at: Option<usize>) -> Vec<u64> {
+    let sim = SimDevice::new(1 << 30);
+    let a = Allocator::new(sim.clone(), AllocatorConfig::parse("policy:gpumem").unwrap()).unwrap();
+    let mut live: Vec<Live> = Vec::new();
+    let mut due: Vec<(usize, u64)> = Vec::new(); // (request index when freed, pointer)
+    let mut n = 0;
+    let mut calls_at_rep = Vec::new();
+    let requests = step.iter().enumerate().flat_map(|(i, &r)| {
+        let extra = (i == extra_at).then_some((3 * MIB + 512, 2));
+        std::iter::once(r).chain(extra)
+    });
+    let requests: Vec<(u64, usize)> = requests.collect();
+    for rep in 0..reps {
+        let c = sim.counters();
+        calls_at_rep.push(c.maps + c.unmaps);
+        let reqs: &[(u64, usize)] = if rep == 2 { &requests } else { step };
+        for (i, &(size, life)) in reqs.iter().enumerate() {
+            let life = life.min(reqs.len() - i);
+            if empty_at == Some(n) {
+                a.empty_cache().unwrap();
+            }
+            let p = a.malloc(size, StreamId(0)).unwrap();
+            sim.write_tag(p, n as u64).unwrap();
+            sim.write_tag(p + size - 1, n as u64).unwrap();
+            live.push((p, size, n as u64));
+            due.push((n + life, p));
+            n += 1;
+            while let Some(i) = due.iter().position(|&(when, _)| when <= n) {
+                let (_, p) = due.swap_remove(i);
+                live.retain(|l| l.0 != p);
+                a.free(p).unwrap();
+            }
+            check(&a, &sim, &live);
+        }
+    }
+    let c = sim.counters();
+    calls_at_rep.push(c.maps + c.unmaps);
+    for (p, _, _) in live.drain(..) {
+        a.free(p).unwrap();
+    }
+    a.empty_cache().unwrap();
+    check(&a, &sim, &live);
+    assert_eq!(sim.used(), 0);
+    calls_at_rep
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpumem_periodic_plan(step in periodic_step(), extra in 0usize..100, empty in prop::option::of(0usize..150)) {
+        run_periodic(&step, 9, extra, empty);
+    }
+}
+/// A training step: forward activations that backward frees in reverse, a few temporaries,
+/// and gradients freed at the end.
+#[test]
+fn a_training_loop_stops_making_device_calls() {
+    let mut x = 99u64;
+    let mut rand = move |n: u64| {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    let mut step: Vec<(u64, usize)> = Vec::new();
+    let layers = 40;
+    for l in 0..layers {
+        step.push((rand(16 * MIB) + 512, 3 * (layers - l) + 1)); // an activation, freed in backward
+        step.push((rand(4 * MIB) + 512, 1 + rand(3) as usize)); // temporaries
+        step.push((rand(MIB) + 512, 1));
+    }
+    for l in 0..layers {
+        step.push((rand(2 * MIB) + 512, 2 * (layers - l))); // a gradient
+        step.push((rand(8 * MIB) + 512, 1)); // a temporary
+    }
+    let calls = run_periodic(&step, 8, usize::MAX, None);
+    let n = calls.len() - 1;
+    assert!(calls[n - 4] > 0);
+    assert_eq!(calls[n] - calls[n - 2], 0, "the last two steps made device calls: {calls:?}");
+}
