@@ -10,6 +10,7 @@ set -uo pipefail
 B=$(cd "${1:-.gpu}" && pwd)
 O=${2:-${OUT:-/tmp/gpumem-bench}}
 ROUNDS=${ROUNDS:-3}
+POLICIES=${POLICIES:--p torch -p gpumem -p gpumem:periodic_plan:False -p gpumem:compaction:False}
 mkdir -p "$O"
 cd "$B"
 # traces of other workloads, recorded here first; those not in the bundle join the rounds
@@ -29,7 +30,8 @@ for round in $(seq "$ROUNDS"); do
   for conf in "" expandable_segments:True; do
     PYTORCH_CUDA_ALLOC_CONF=$conf python3 bench/torch_replay.py "${TRACES[@]}" 2>/dev/null
   done >> "$O/torch.jsonl"
-  ./gpumem replay "${TRACES[@]}" --device cuda -p torch -p gpumem -p gpumem:compaction:False --json \
+  # shellcheck disable=SC2086
+  ./gpumem replay "${TRACES[@]}" --device cuda $POLICIES --json \
     >> "$O/replay-cuda.jsonl"
 done
 ./gpumem replay "${TRACES[@]}" --device sim --json > "$O/replay-sim.jsonl"
