@@ -45,7 +45,8 @@ impl<D: Device> Packed<D> {
         self.process_events()?;
         let size = size::round_size(orig, &self.config);
         let search = self.config.periodic_plan && self.plan.is_none();
-        let seq = self.detector.on_alloc(size, stream.0, search);
+        let calls = (self.stats.num_device_alloc + self.stats.num_device_free) as u64;
+        let seq = self.detector.on_alloc(size, stream.0, calls, search);
         if let Some(addr) = self.place_planned(size, stream)? {
             self.install(addr, size, stream, orig, seq);
             return Ok(addr);
@@ -77,6 +78,13 @@ impl<D: Device> Packed<D> {
         // the end instead costs up to 5 points of reserved memory on the shared traces).
         self.carve(addr, size, stream, orig, seq);
         if let Some(first) = self.detector.confirmed_start().filter(|_| search) {
+            // A loop whose last period made no device call has settled under best fit: a
+            // plan would only cost its taking over.
+            let now = (self.stats.num_device_alloc + self.stats.num_device_free) as u64;
+            if self.detector.calls_before(first + self.detector.confirmed_period()) == Some(now) {
+                self.detector.restart();
+                return Ok(addr);
+            }
             let (holes, pinned) = self.long_lived_holes(first);
             if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes) {
                 self.adopt(plan, &holes, pinned);

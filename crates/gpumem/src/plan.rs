@@ -49,6 +49,8 @@ struct Rec {
     stream: u64,
     /// The number of requests made when it was freed (`u64::MAX` while it lives).
     freed_at: u64,
+    /// The device calls the allocator had made before it.
+    calls: u64,
 }
 
 /// Watches the requests for a period that repeats exactly (Note [Periodic plans]).
@@ -136,7 +138,7 @@ impl Detector {
 
     /// Records a request and returns its sequence number. With `search`, also looks for a
     /// period (not while a plan runs: nothing would use it).
-    pub(crate) fn on_alloc(&mut self, size: u64, stream: u64, search: bool) -> u64 {
+    pub(crate) fn on_alloc(&mut self, size: u64, stream: u64, calls: u64, search: bool) -> u64 {
         let seq = self.next;
         self.next += 1;
         let k = key(size, stream);
@@ -145,7 +147,7 @@ impl Detector {
             let out = self.rec(seq - WINDOW).map_or(0, |r| r.key);
             self.hash = self.hash.wrapping_sub(out.wrapping_mul(self.drop_factor));
         }
-        self.log.push_back(Rec { key: k, size, stream, freed_at: u64::MAX });
+        self.log.push_back(Rec { key: k, size, stream, freed_at: u64::MAX, calls });
         if self.log.len() as u64 > 2 * MAX_PERIOD + WINDOW {
             self.log.pop_front();
             self.first += 1;
@@ -219,10 +221,20 @@ impl Detector {
         self.confirmed = None;
     }
 
+    /// The device calls the allocator had made before request `seq`.
+    pub(crate) fn calls_before(&self, seq: u64) -> Option<u64> {
+        self.rec(seq).map(|r| r.calls)
+    }
+
     /// The first request of the two periods that just repeated, if they did: blocks of older
     /// requests still live outlive the period (see `take_plan`).
     pub(crate) fn confirmed_start(&self) -> Option<u64> {
         self.confirmed.map(|p| self.next - 2 * p)
+    }
+
+    /// The period that just repeated, if one did.
+    pub(crate) fn confirmed_period(&self) -> u64 {
+        self.confirmed.unwrap_or(0)
     }
 
     /// The plan for a period that just repeated, if one did: for the last two periods of
@@ -378,7 +390,7 @@ mod tests {
         let mut live: VecDeque<u64> = VecDeque::new();
         for _ in 0..steps {
             for &s in sizes {
-                live.push_back(d.on_alloc(s, 0, true));
+                live.push_back(d.on_alloc(s, 0, 0, true));
                 if live.len() > life {
                     d.on_free(live.pop_front().unwrap());
                 }

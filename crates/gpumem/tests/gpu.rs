@@ -368,6 +368,42 @@ fn gpu_gpumem_compaction_moves_pages_under_live_tensors_intact() {
     assert_eq!(a.memory_reserved(), 0);
 }
 
+/// A training loop on real memory: tensors keep their contents step after step while the
+/// policy settles (here best fit settles by itself, so no plan is made: Note [Periodic
+/// plans]; `gpumem replay --device cuda` of the 24-step GPT-2 trace runs one on real memory),
+/// and the later steps make no device call.
+fn gpu_gpumem_periodic_plan_keeps_tensors_intact() {
+    let dev = gpu();
+    let a = allocator(dev.clone(), "policy:gpumem");
+    let stream = dev.context().default_stream();
+    let counts: Vec<usize> = (0..48).map(|i| ((i * 7919) % 61 + 4) << 14).collect(); // 256 KiB-4 MiB
+    let calls = |a: &CudaAllocator| {
+        let s = a.stats();
+        s.num_device_alloc + s.num_device_free
+    };
+    let mut per_step = Vec::new();
+    for step in 0..10 {
+        per_step.push(calls(&a));
+        let mut acts = Vec::new();
+        for (i, &n) in counts.iter().enumerate() {
+            let pattern: Vec<i32> = (0..n as i32).map(|j| j ^ (step * 1000 + i as i32)).collect();
+            let mut t = Tensor::<i32>::empty_with(&a, &stream, &[n]).unwrap();
+            t.copy_from(&pattern).unwrap();
+            let mut tmp = Tensor::<i32>::empty_with(&a, &stream, &[n / 2]).unwrap();
+            tmp.copy_from(&pattern[..n / 2]).unwrap();
+            drop(tmp);
+            acts.push((t, pattern));
+        }
+        for (t, pattern) in acts.into_iter().rev() {
+            assert_eq!(t.to_vec().unwrap(), pattern, "step {step}: a tensor lost its contents");
+        }
+    }
+    per_step.push(calls(&a));
+    assert_eq!(per_step[10], per_step[6], "device calls in the last steps: {per_step:?}");
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 0);
+}
+
 fn main() {
     let tests: &[(&str, fn())] = &[
         ("gpu_engine_invariants_hold_on_the_real_device", gpu_engine_invariants_hold_on_the_real_device),
@@ -388,6 +424,7 @@ fn main() {
             "gpu_gpumem_compaction_moves_pages_under_live_tensors_intact",
             gpu_gpumem_compaction_moves_pages_under_live_tensors_intact,
         ),
+        ("gpu_gpumem_periodic_plan_keeps_tensors_intact", gpu_gpumem_periodic_plan_keeps_tensors_intact),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
