@@ -150,15 +150,7 @@ impl<D: Device> Packed<D> {
                 break;
             }
             let before = (self.mapped_bytes, place.start, place.need());
-            self.recycle(place.need(), self.high_water, place.keep())?;
-            // recycling may have opened a better place (or moved the frontier down)
-            place = self.placement(size, stream);
-            if self.config.compaction
-                && self.exceeds(&place, self.high_water)
-                && self.compact(place.need(), self.high_water, place.keep())?
-            {
-                place = self.placement(size, stream);
-            }
+            place = self.gather(place, stream)?;
             // Note [Idle chunks a block would pin]: landing partly on an idle chunk, the block
             // would pin the rest of it; unmapped first, the chunk's pages come back in the
             // block's own shapes (two device calls, paid only when the peak would rise).
@@ -176,15 +168,8 @@ impl<D: Device> Packed<D> {
             }
         }
         if self.plan_costs_memory(place.need()) {
-            // the plan's idle memory is ordinary memory now: recycle it first
-            self.recycle(place.need(), self.high_water, place.keep())?;
-            place = self.placement(size, stream);
-            if self.config.compaction
-                && self.exceeds(&place, self.high_water)
-                && self.compact(place.need(), self.high_water, place.keep())?
-            {
-                place = self.placement(size, stream);
-            }
+            // the plan's idle memory is ordinary memory now: gather it first
+            place = self.gather(place, stream)?;
         }
         if let Some(max) = self.allowed_memory_maximum {
             if self.exceeds(&place, max) && self.plan.is_some() {
@@ -220,6 +205,22 @@ impl<D: Device> Packed<D> {
             }
         }
         Ok(place.start)
+    }
+
+    /// Recycles idle chunks, then compacts chunks, for what `place` needs under the peak,
+    /// and returns the best place after each (recycling may open a better place or move the
+    /// frontier down; compaction unmaps pages).
+    fn gather(&mut self, place: Placement, stream: StreamId) -> Result<Placement, AllocError> {
+        let size = place.size;
+        self.recycle(place.need(), self.high_water, place.keep())?;
+        let place = self.placement(size, stream);
+        if self.config.compaction
+            && self.exceeds(&place, self.high_water)
+            && self.compact(place.need(), self.high_water, place.keep())?
+        {
+            return Ok(self.placement(size, stream));
+        }
+        Ok(place)
     }
 
     /// Whether mapping what `place` needs would take reserved memory over `limit`.
