@@ -416,30 +416,32 @@ impl<D: Device> Packed<D> {
     /// Turns the free pieces over `start..end` (of any streams; no live block may lie there)
     /// into unmapped space, after the pages under them were unmapped.
     pub(crate) fn unmap_free_range(&mut self, start: u64, end: u64) {
-        // the plan's region keeps its address space: unmapped there, it is reserved for the
-        // plan (Note [Periodic plans])
-        let unmapped = if self.in_plan_region(start) {
-            if let Some(ap) = self.plan.as_mut() {
-                ap.unmapped += end - start;
-            }
-            Piece::Reserved
-        } else {
-            Piece::Unmapped
-        };
         let mut at = self.piece_containing(start).map_or(start, |p| p.0);
         while at < end {
-            let (size, kind) = self.take_piece(at);
+            let (size, kind) = self.spans[&at];
             debug_assert!(matches!(kind, Piece::Free { .. } | Piece::Planned), "only free space is unmapped");
-            let (lo, hi) = (at.max(start), (at + size).min(end));
-            if at < lo {
-                self.set_piece(at, lo - at, kind);
-            }
-            if hi < at + size {
-                self.set_piece(hi, at + size - hi, kind);
-            }
-            self.insert_free(lo, hi - lo, unmapped);
+            self.retype_part(at.max(start), (at + size).min(end), Piece::Unmapped);
             at += size;
         }
+    }
+
+    /// Gives `[from, to)`, which one free or unmapped piece holds, the kind `kind` (merged
+    /// with like neighbours); the rest of that piece keeps its kind.
+    pub(crate) fn retype_part(&mut self, from: u64, to: u64, kind: Piece) {
+        let (start, size, old) = self.piece_containing(from).expect("a piece holds the range");
+        self.take_piece(start);
+        if start < from {
+            self.set_piece(start, from - start, old);
+        }
+        if to < start + size {
+            self.set_piece(to, start + size - to, old);
+        }
+        self.insert_free(from, to - from, kind);
+    }
+
+    /// Device calls made so far (maps and unmaps).
+    pub(crate) fn device_calls(&self) -> u64 {
+        (self.stats.num_device_alloc + self.stats.num_device_free) as u64
     }
 
     /// Whether a queue entry still names an idle chunk.

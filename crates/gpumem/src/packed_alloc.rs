@@ -45,8 +45,7 @@ impl<D: Device> Packed<D> {
         self.process_events()?;
         let size = size::round_size(orig, &self.config);
         let search = self.config.periodic_plan && self.plan.is_none();
-        let calls = (self.stats.num_device_alloc + self.stats.num_device_free) as u64;
-        let seq = self.detector.on_alloc(size, stream.0, calls, search);
+        let seq = self.detector.on_alloc(size, stream.0, self.device_calls(), search);
         if let Some(addr) = self.place_planned(size, stream)? {
             self.install(addr, size, stream, orig, seq);
             return Ok(addr);
@@ -80,8 +79,7 @@ impl<D: Device> Packed<D> {
         if let Some(first) = self.detector.confirmed_start().filter(|_| search) {
             // A loop whose last period made no device call has settled under best fit: a
             // plan would only cost its taking over.
-            let now = (self.stats.num_device_alloc + self.stats.num_device_free) as u64;
-            if self.detector.calls_before(first + self.detector.confirmed_period()) == Some(now) {
+            if self.detector.calls_before_last_period() == Some(self.device_calls()) {
                 self.detector.restart();
                 return Ok(addr);
             }
@@ -302,20 +300,14 @@ impl<D: Device> Packed<D> {
                 }
             }
         }
+        let mapped = Piece::Free { stream: stream.0 };
         if from == self.frontier {
             self.frontier = to;
+            self.insert_free(from, to - from, mapped);
         } else {
-            // carve the mapped part out of the unmapped piece that holds it
-            let (ua, us, _) = self.piece_containing(from).expect("an unmapped piece");
-            self.take_piece(ua);
-            if ua < from {
-                self.set_piece(ua, from - ua, Piece::Unmapped);
-            }
-            if to < ua + us {
-                self.set_piece(to, ua + us - to, Piece::Unmapped);
-            }
+            // the mapped part of the unmapped piece that holds it
+            self.retype_part(from, to, mapped);
         }
-        self.insert_free(from, to - from, Piece::Free { stream: stream.0 });
         Ok(true)
     }
 

@@ -68,7 +68,8 @@ pub(crate) struct Detector {
     /// The period being checked (0: none) and how many requests matched it in a row.
     candidate: u64,
     matched: u64,
-    /// Periods that repeated but were not steady (their blocks mostly outlived them).
+    /// Periods not to plan: they repeated but were not steady (their blocks mostly outlived
+    /// them), or following their plan cost memory.
     rejected: Vec<u64>,
     /// A period that repeated and has not been planned yet.
     confirmed: Option<u64>,
@@ -186,13 +187,11 @@ impl Detector {
             // A whole period repeated: plan it if its blocks mostly die within it.
             self.candidate = 0;
             let start = seq + 1 - 2 * p;
-            let steady = (start..start + p)
-                .filter(|&s| self.rec(s).is_some_and(|r| r.freed_at.saturating_sub(s) <= p))
-                .count() as u64;
+            let steady = (start..start + p).filter(|&s| self.dies_within(s, p)).count() as u64;
             if 2 * steady >= p {
                 self.confirmed = Some(p);
-            } else if self.rejected.len() < 64 {
-                self.rejected.push(p);
+            } else {
+                self.reject(p);
             }
         }
     }
@@ -207,9 +206,15 @@ impl Detector {
         }
     }
 
-    /// Never plans period `p` again (following it cost memory).
+    /// Whether the block of request `s` was freed within `p` requests of it.
+    fn dies_within(&self, s: u64, p: u64) -> bool {
+        self.rec(s).is_some_and(|r| r.freed_at.saturating_sub(s) <= p)
+    }
+
+    /// Never plans period `p` (or a multiple) again: it was not steady, or following it
+    /// cost memory.
     pub(crate) fn reject(&mut self, p: u64) {
-        if !self.rejected.contains(&p) {
+        if !self.rejected.contains(&p) && self.rejected.len() < 64 {
             self.rejected.push(p);
         }
     }
@@ -221,20 +226,16 @@ impl Detector {
         self.confirmed = None;
     }
 
-    /// The device calls the allocator had made before request `seq`.
-    pub(crate) fn calls_before(&self, seq: u64) -> Option<u64> {
-        self.rec(seq).map(|r| r.calls)
+    /// The device calls the allocator had made before the last period's worth of requests,
+    /// if a period just repeated.
+    pub(crate) fn calls_before_last_period(&self) -> Option<u64> {
+        self.rec(self.next - self.confirmed?).map(|r| r.calls)
     }
 
     /// The first request of the two periods that just repeated, if they did: blocks of older
     /// requests still live outlive the period (see `take_plan`).
     pub(crate) fn confirmed_start(&self) -> Option<u64> {
         self.confirmed.map(|p| self.next - 2 * p)
-    }
-
-    /// The period that just repeated, if one did.
-    pub(crate) fn confirmed_period(&self) -> u64 {
-        self.confirmed.unwrap_or(0)
     }
 
     /// The plan for a period that just repeated, if one did: for the last two periods of
@@ -258,7 +259,7 @@ impl Detector {
         let blocks: Vec<Interval> = recs
             .iter()
             .enumerate()
-            .filter(|(i, r)| r.stream == stream && r.freed_at.saturating_sub(start + *i as u64) <= p)
+            .filter(|(i, r)| r.stream == stream && self.dies_within(start + *i as u64, p))
             .map(|(i, r)| Interval {
                 index: i,
                 size: r.size.div_ceil(align) * align,
@@ -266,12 +267,12 @@ impl Detector {
                 to: r.freed_at - start,
             })
             .collect();
-        let (spots, extent) = pack(&blocks, p, holes);
+        let (lower_bound, entry, least_live) = live_profile(&blocks, p);
+        let (spots, extent) = pack(&blocks, p, holes, lower_bound);
         let mut entries: Vec<Entry> = recs
             .iter()
             .map(|r| Entry { size: r.size, stream: r.stream, spot: None, at_entry: false })
             .collect();
-        let (lower_bound, entry, least_live) = live_profile(&blocks, p);
         for (b, spot) in blocks.iter().zip(spots) {
             let e = entry as u64;
             entries[b.index].spot = Some(spot);
@@ -322,9 +323,9 @@ fn live_profile(blocks: &[Interval], p: u64) -> (u64, usize, u64) {
 /// Offline placement: the blocks in a few orders (largest first, longest-lived first, most
 /// byte-requests first), each at the lowest offset free of every block whose lifetime meets
 /// its own, in the smallest hole where there is one, else in the region; the order whose
-/// region is smallest wins. Returns the spots and the region's extent.
-fn pack(blocks: &[Interval], p: u64, holes: &[(u64, u64)]) -> (Vec<Spot>, u64) {
-    let lower = live_profile(blocks, p).0;
+/// region is smallest wins (the first within 1/256 of the `lower` bound stops the search).
+/// Returns the spots and the region's extent.
+fn pack(blocks: &[Interval], p: u64, holes: &[(u64, u64)], lower: u64) -> (Vec<Spot>, u64) {
     let mut holes = holes.to_vec();
     holes.sort_unstable_by_key(|h| (h.1, h.0));
     let orders: [fn(&Interval) -> u64; 3] = [|b| b.size, |b| b.to - b.from, |b| b.size * (b.to - b.from)];

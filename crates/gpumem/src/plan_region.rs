@@ -34,8 +34,6 @@ pub(crate) struct ActivePlan {
     pub phase: usize,
     /// Requests in a row that did not match the plan.
     pub misses: u32,
-    /// Bytes of the region not mapped yet.
-    pub unmapped: u64,
     /// Whether the plan's entry request has come (before it, requests only advance the
     /// phase).
     pub started: bool,
@@ -148,7 +146,6 @@ impl<D: Device> Packed<D> {
             holes: used,
             phase: 0,
             misses: 0,
-            unmapped: size,
             started: false,
             ceiling,
         }));
@@ -274,26 +271,42 @@ impl<D: Device> Packed<D> {
         if self.allowed_memory_maximum.is_some_and(|max| self.mapped_bytes + need > max) {
             return Ok(false);
         }
-        let keep = (addr, addr + size);
+        self.make_room(need, (addr, addr + size))?;
+        if self.plan_costs_memory(need) {
+            return Ok(false);
+        }
+        for (lo, hi) in runs {
+            if !self.map_reserved(lo, hi, stream, u64::MAX)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Recycles idle chunks outside `keep`, then compacts, if `need` more bytes would lift
+    /// reserved memory above its peak.
+    fn make_room(&mut self, need: u64, keep: (u64, u64)) -> Result<(), AllocError> {
         if self.mapped_bytes + need > self.high_water {
             self.recycle(need, self.high_water, keep)?;
             if self.config.compaction && self.mapped_bytes + need > self.high_water {
                 self.compact(need, self.high_water, keep)?;
             }
         }
-        if self.plan_costs_memory(need) {
-            return Ok(false);
-        }
-        for (lo, hi) in runs {
-            let mut at = lo;
-            while at < hi {
-                let n = (hi - at).min(MAX_CHUNK);
-                if self.map_chunk(at, n, stream)?.is_none() {
-                    return Ok(false);
-                }
-                self.reserved_to_planned(at, at + n);
-                at += n;
+        Ok(())
+    }
+
+    /// Maps the region's reserved `[lo, hi)` in chunks of up to `MAX_CHUNK`, as long as
+    /// reserved memory stays within `limit`; `false` where it stopped (no room, or the device
+    /// is full).
+    fn map_reserved(&mut self, lo: u64, hi: u64, stream: StreamId, limit: u64) -> Result<bool, AllocError> {
+        let mut at = lo;
+        while at < hi {
+            let n = (hi - at).min(MAX_CHUNK);
+            if self.mapped_bytes + n > limit || self.map_chunk(at, n, stream)?.is_none() {
+                return Ok(false);
             }
+            self.retype_part(at, at + n, Piece::Planned);
+            at += n;
         }
         Ok(true)
     }
@@ -311,7 +324,7 @@ impl<D: Device> Packed<D> {
             return Ok(());
         };
         let page = self.page;
-        let (base, end) = (ap.base, ap.end);
+        let (base, end, stream) = (ap.base, ap.end, StreamId(ap.plan.stream));
         let mut late: Vec<(u64, u64)> = ap
             .plan
             .entries
@@ -336,54 +349,15 @@ impl<D: Device> Packed<D> {
             at = at.max(hi);
         }
         let need: u64 = want.iter().map(|w| w.1 - w.0).sum();
-        if self.mapped_bytes + need > self.high_water {
-            self.recycle(need, self.high_water, (base, end))?;
-            if self.config.compaction && self.mapped_bytes + need > self.high_water {
-                self.compact(need, self.high_water, (base, end))?;
-            }
-        }
+        self.make_room(need, (base, end))?;
+        // nothing of the region is mapped yet: the plan's first block is being placed
         let limit = self.allowed_memory_maximum.map_or(self.high_water, |m| m.min(self.high_water));
         for (lo, hi) in want {
-            let mut at = lo;
-            while at < hi {
-                let n = (hi - at).min(MAX_CHUNK);
-                let reserved =
-                    matches!(self.piece_containing(at), Some((s, m, Piece::Reserved)) if s + m >= at + n);
-                if !reserved {
-                    at += n; // mapped already
-                    continue;
-                }
-                if self.mapped_bytes + n > limit
-                    || self.map_chunk(at, n, StreamId(self.plan_stream()))?.is_none()
-                {
-                    return Ok(()); // the rest is mapped block by block
-                }
-                self.reserved_to_planned(at, at + n);
-                at += n;
+            if !self.map_reserved(lo, hi, stream, limit)? {
+                break; // the rest is mapped block by block
             }
         }
         Ok(())
-    }
-
-    fn plan_stream(&self) -> u64 {
-        self.plan.as_ref().map_or(0, |ap| ap.plan.stream)
-    }
-
-    /// Turns the just-mapped `[from, to)` of a reserved piece into planned free space.
-    fn reserved_to_planned(&mut self, from: u64, to: u64) {
-        let (start, n, kind) = self.piece_containing(from).expect("a reserved piece");
-        debug_assert_eq!(kind, Piece::Reserved);
-        self.take_piece(start);
-        if start < from {
-            self.set_piece(start, from - start, Piece::Reserved);
-        }
-        if to < start + n {
-            self.set_piece(to, start + n - to, Piece::Reserved);
-        }
-        self.insert_free(from, to - from, Piece::Planned);
-        if let Some(ap) = self.plan.as_mut() {
-            ap.unmapped -= to - from;
-        }
     }
 
     /// Takes `[addr, addr + size)` out of the planned free piece that holds it.
