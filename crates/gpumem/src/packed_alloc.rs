@@ -9,9 +9,21 @@ use crate::size::{self, MAX_REQUEST};
 use crate::snapshot::{BlockInfo, BlockState, SegmentInfo};
 use crate::stats::PoolKind;
 
-/// The largest chunk mapped in one call. Larger interiors are split, so that a block that
-/// later lands partly in a huge freed region pins at most this much (Note [Chunk shapes]).
+/// The chunk size mapped in one call. Larger interiors are split, so that a block that
+/// later lands partly in a huge freed region pins at most about this much (Note [Chunk
+/// shapes]); see `chunk_len` for the tail.
 pub(crate) const MAX_CHUNK: u64 = 256 << 20;
+
+/// The length of the next chunk of a range of `left` bytes: up to `MAX_CHUNK`, except that
+/// a short tail (under a quarter of that) joins the chunk before it, which saves a device
+/// call for each block a little over a multiple of `MAX_CHUNK`.
+pub(crate) fn chunk_len(left: u64) -> u64 {
+    if left < MAX_CHUNK + MAX_CHUNK / 4 {
+        left
+    } else {
+        MAX_CHUNK
+    }
+}
 
 /// The `gpumem` policy has one arena, not PyTorch's two pools: its stats appear under the
 /// large pool (and "all").
@@ -282,7 +294,8 @@ impl<D: Device> Packed<D> {
         let mut pieces: Vec<(u64, u64)> = (from..lo).step_by(page as usize).map(|at| (at, page)).collect();
         let mut at = lo;
         while at < hi {
-            let n = (hi - at).min(MAX_CHUNK);
+            // without compaction a longer chunk would only pin more
+            let n = if self.config.compaction { chunk_len(hi - at) } else { (hi - at).min(MAX_CHUNK) };
             pieces.push((at, n));
             at += n;
         }
