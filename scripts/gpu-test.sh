@@ -9,6 +9,29 @@ echo "== GPU tests"
 "$B/gpu-tests" || status=1
 echo "== gpumem demo --device cuda"
 "$B/gpumem" demo --device cuda || status=1
+# Replays of real traces on real memory, every block stamped and checked when freed: the
+# 24-step GPT-2 follows a periodic plan (no device call in its second half), the others
+# recycle and compact under live blocks; the offload trace frees blocks used on a side stream.
+echo "== gpumem replay --device cuda --check-contents"
+T="$B/traces"
+if "$B/gpumem" replay "$T/gpt2_train_bf16_24steps.jsonl.gz" "$T/vit_train_amp_24steps.jsonl.gz" \
+  "$T/offload_side_stream.jsonl.gz" "$T/bert_varlen_train.jsonl.gz" --device cuda -p gpumem \
+  -p gpumem:compaction:False --check-contents --json > /tmp/gpumem-contents.jsonl; then
+  python3 - /tmp/gpumem-contents.jsonl <<'PY' || status=1
+import json, sys
+ok = True
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("%-34s %-24s %6d blocks checked, %d lost a stamp; second-half device calls %d"
+          % (r["trace"], r["policy"], r["contents_checked"], r["contents_corrupted"], r["steady_device_calls"]))
+    ok &= r["contents_checked"] > 400 and r["contents_corrupted"] == 0
+    if r["trace"].startswith("gpt2_train_bf16_24") and r["policy"] == "gpumem":
+        ok &= r["steady_device_calls"] == 0  # the plan was followed
+sys.exit(0 if ok else 1)
+PY
+else
+  status=1
+fi
 echo "== gpumem info"
 "$B/gpumem" info || status=1
 # With another process holding GPU memory, info lists it (pid, name, bytes).

@@ -68,6 +68,10 @@ pub(crate) struct ReplayArgs {
     /// Stop at the first inconsistent event (exit 1)
     #[arg(long)]
     pub strict: bool,
+    /// Stamp every block and check its stamps when it is freed; exit 1 if any block lost one
+    /// (memory handed out twice, or a page lost). On the GPU it is slow: timings mean nothing
+    #[arg(long)]
+    pub check_contents: bool,
     /// Write the allocator's state at the end and its whole history as a PyTorch snapshot
     /// pickle (open it with pytorch.org/memory_viz); one trace and one policy only
     #[arg(long, value_name = "FILE")]

@@ -50,9 +50,15 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
         }
         return dump_snapshot(&a.traces[0], &policies[0], cap, a, out);
     }
-    let opts = ReplayOptions { verify: a.verify, strict: a.strict, ..Default::default() };
+    let opts = ReplayOptions {
+        verify: a.verify,
+        strict: a.strict,
+        check_contents: a.check_contents,
+        ..Default::default()
+    };
     let show_progress = !a.json && std::io::stdout().is_terminal();
     let mut rows = Vec::new();
+    let mut lost = Vec::new();
     for path in &a.traces {
         let trace = read_trace(path)?;
         for policy in &policies {
@@ -74,6 +80,14 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
+            if let (Some(n), Some(bad)) = (report.contents_checked, report.contents_corrupted) {
+                if !a.json {
+                    println!("{} / {}: {n} blocks checked, {bad} lost a stamp", report.trace, report.policy);
+                }
+                if bad > 0 {
+                    lost.push(format!("{} / {}: {bad} of {n}", report.trace, report.policy));
+                }
+            }
             if a.json {
                 println!("{}", serde_json::to_string(&report).expect("reports serialize"));
             } else {
@@ -83,6 +97,12 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     }
     if !a.json {
         print_table(&rows, a.verify);
+    }
+    if !lost.is_empty() {
+        return Err(Failure::Work(format!(
+            "blocks lost their contents ({}): the allocator handed out memory twice or lost a page under a live block",
+            lost.join(", ")
+        )));
     }
     Ok(())
 }

@@ -75,6 +75,21 @@ fn replay_without_a_policy_compares_every_policy() {
 }
 
 #[test]
+fn replay_checks_contents_on_request() {
+    let o =
+        gpumem(&["replay", &data("unet_seg_train.jsonl.gz"), "-p", "gpumem", "--check-contents", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(r["contents_checked"], 1202);
+    assert_eq!(r["contents_corrupted"], 0);
+    // without the flag, the fields are left out
+    let plain = gpumem(&["replay", &data("unet_seg_train.jsonl.gz"), "-p", "gpumem", "--json"]);
+    assert!(!stdout(&plain).contains("contents_checked"));
+    let table = gpumem(&["replay", &data("unet_seg_train.jsonl.gz"), "-p", "gpumem", "--check-contents"]);
+    assert!(stdout(&table).contains("1202 blocks checked, 0 lost a stamp"), "{}", stdout(&table));
+}
+
+#[test]
 fn bad_input_exits_2_with_one_line() {
     let dir = std::env::temp_dir().join(format!("gpumem-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

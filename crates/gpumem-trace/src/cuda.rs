@@ -1,6 +1,7 @@
 //! Replaying on the real GPU.
 
 use crate::replay::ReplayDevice;
+use cudarc::driver::sys;
 use gpumem::{CudaDevice, Device, DeviceError, EventId, StreamId};
 use std::sync::Arc;
 
@@ -116,5 +117,36 @@ impl ReplayDevice for CudaReplayDevice {
     fn map_counts(&self) -> (u64, u64) {
         let c = self.dev.counters();
         (c.maps, c.unmaps)
+    }
+    fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: the context is current; `addr` lies in a live block of the replay, and the
+        // copy reads 8 bytes from `value` before it returns.
+        let r = unsafe { sys::cuMemcpyHtoD_v2(addr, &value as *const u64 as *const std::ffi::c_void, 8) };
+        check("cuMemcpyHtoD", r)
+    }
+    fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError> {
+        self.bind()?;
+        let mut value = 0u64;
+        // SAFETY: as above; the copy writes 8 bytes into `value` before it returns.
+        let r = unsafe { sys::cuMemcpyDtoH_v2(&mut value as *mut u64 as *mut std::ffi::c_void, addr, 8) };
+        check("cuMemcpyDtoH", r).map(|_| Some(value))
+    }
+}
+
+impl CudaReplayDevice {
+    fn bind(&self) -> Result<(), DeviceError> {
+        self.dev
+            .context()
+            .bind_to_thread()
+            .map_err(|e| DeviceError::Driver { call: "cuCtxSetCurrent", message: format!("{e:?}") })
+    }
+}
+
+/// A driver result as a device error.
+fn check(call: &'static str, r: sys::CUresult) -> Result<(), DeviceError> {
+    match r {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        e => Err(DeviceError::Driver { call, message: format!("{e:?}") }),
     }
 }

@@ -15,6 +15,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod contents;
 mod cuda;
 mod dump;
 mod error;

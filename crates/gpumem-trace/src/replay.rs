@@ -1,9 +1,10 @@
 //! The replay engine: feeds a trace's allocations and frees to a fresh allocator and
 //! reports what it reserved, how often it called the device, and how fast it was.
 
+use crate::contents::{stamps_intact, write_stamps};
 use crate::plan::{plan, Op, Plan, Skip};
 use crate::trace::Trace;
-use gpumem::{AllocError, Allocator, Device, Policy, PolicyKind, SimDevice, StreamId};
+use gpumem::{AllocError, Allocator, Device, DeviceError, Policy, PolicyKind, SimDevice, StreamId};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -25,6 +26,11 @@ pub trait ReplayDevice: Device + Clone {
     fn malloc_log(&self) -> Vec<(u64, u64)>;
     /// Page map and unmap calls so far.
     fn map_counts(&self) -> (u64, u64);
+    /// Writes the 8-byte word `value` at `addr` (for `check_contents`).
+    fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError>;
+    /// Reads the 8-byte word at `addr`; `None` where the memory under it is gone (the
+    /// simulated device knows; a GPU would fault or read garbage).
+    fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError>;
 }
 
 impl ReplayDevice for SimDevice {
@@ -48,6 +54,12 @@ impl ReplayDevice for SimDevice {
         let c = self.counters();
         (c.maps, c.unmaps)
     }
+    fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError> {
+        self.write_tag(addr, value)
+    }
+    fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError> {
+        Ok(self.read_tag(addr))
+    }
 }
 
 /// How to replay.
@@ -61,6 +73,9 @@ pub struct ReplayOptions {
     pub stop_after: Option<u64>,
     /// Record the allocator's history (for a snapshot of the replay).
     pub record_history: bool,
+    /// Stamp every block and check its stamps when it is freed (on the GPU the timings
+    /// then mean nothing).
+    pub check_contents: bool,
 }
 
 /// The figures of one replay; its JSON form is the contract of `gpumem replay --json`.
@@ -115,6 +130,12 @@ pub struct ReplayReport {
     /// Allocations returned at PyTorch's own address (with `--verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocs_matched: Option<u64>,
+    /// Blocks whose stamps were checked when they were freed (with `--check-contents`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contents_checked: Option<u64>,
+    /// Of those, blocks that had lost a stamp: memory handed out twice or a page lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contents_corrupted: Option<u64>,
     /// Keys of the recorded run's own `memory_stats()` (with `--verify`, where the trace has them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats_expected: Option<u64>,
@@ -215,6 +236,16 @@ fn run<D: ReplayDevice>(
         (s.num_device_alloc + s.num_device_free) as u64
     };
     let mut calls_mid = 0;
+    // with check_contents: blocks checked when freed, and those that had lost a stamp
+    let checking = opts.check_contents;
+    let (mut checked, mut corrupted) = (0u64, 0u64);
+    let mut check = |id: u32, ptr: u64, size: u64| -> Result<(), ReplayError> {
+        if checking {
+            checked += 1;
+            corrupted += !stamps_intact(device, id, ptr, size).map_err(AllocError::from)? as u64;
+        }
+        Ok(())
+    };
     for op in &plan.ops {
         if is_op(op) {
             if done >= stop_after {
@@ -244,6 +275,9 @@ fn run<D: ReplayDevice>(
                 }
                 match alloc.malloc(size, stream) {
                     Ok(p) => {
+                        if checking {
+                            write_stamps(device, id, p, size).map_err(AllocError::from)?;
+                        }
                         ptrs[i] = p;
                         sizes[i] = size;
                         allocs_matched += (p == addr) as u64;
@@ -263,6 +297,7 @@ fn run<D: ReplayDevice>(
             Op::Free { id } => {
                 let i = id as usize;
                 if !failed[i] {
+                    check(id, ptrs[i], sizes[i])?;
                     alloc.free(ptrs[i])?;
                     live_requested -= sizes[i];
                     sizes[i] = 0;
@@ -271,6 +306,7 @@ fn run<D: ReplayDevice>(
             Op::FreeDeferred { id } => {
                 let i = id as usize;
                 if !failed[i] {
+                    check(id, ptrs[i], sizes[i])?;
                     alloc.record_stream(ptrs[i], device.side_stream(id))?;
                     alloc.free(ptrs[i])?;
                 }
@@ -291,6 +327,12 @@ fn run<D: ReplayDevice>(
         }
     }
     let end = Instant::now();
+    // the blocks still live at the end keep their stamps too
+    for (i, &size) in sizes.iter().enumerate() {
+        if size > 0 && !failed[i] {
+            check(i as u32, ptrs[i], size)?;
+        }
+    }
     progress(total_ops, total_ops);
     let seconds = (end - start).as_secs_f64();
     let steady_ops = (total_ops - mid).max(1) as f64;
@@ -322,6 +364,8 @@ fn run<D: ReplayDevice>(
         allocs_matched: None,
         stats_expected: None,
         stats_matched: None,
+        contents_checked: checking.then_some(checked),
+        contents_corrupted: checking.then_some(corrupted),
         skipped: skipped.len() as u64,
         skipped_reasons: BTreeMap::new(),
         live_at_end: sizes.iter().filter(|&&s| s > 0).count() as u64,

@@ -46,3 +46,24 @@ fn the_periodic_plan_stops_device_calls_in_a_training_loop() {
     assert!(unplanned.steady_device_calls > 500, "{}", unplanned.steady_device_calls);
     assert!(planned.reserved_ratio <= unplanned.reserved_ratio);
 }
+
+/// Every block of every trace keeps its contents until it is freed, under every policy
+/// (`--check-contents`: stamps written at allocation, checked at the free, on the simulated
+/// device's contents, which unmapping loses and compaction keeps only where it copies):
+/// recycling, compaction and periodic plans move pages under live blocks.
+#[test]
+fn every_block_keeps_its_contents_under_every_policy() {
+    let opts = ReplayOptions { check_contents: true, ..Default::default() };
+    for name in SHARED.iter().chain(&RECORDED) {
+        let trace = read_trace(&data(name)).unwrap();
+        for policy in
+            ["gpumem", "gpumem:compaction:False", "gpumem:periodic_plan:False", "torch", "torch-expandable"]
+        {
+            let p = Policy::parse(policy).unwrap();
+            let r = replay(&trace, &p, SimDevice::default(), &opts, &mut |_, _| {}).unwrap();
+            let checked = r.contents_checked.unwrap();
+            assert!(checked > 400, "{name} / {policy}: only {checked} blocks checked");
+            assert_eq!(r.contents_corrupted, Some(0), "{name} / {policy}: blocks lost their contents");
+        }
+    }
+}
