@@ -29,18 +29,20 @@ fn gpumem_reserves_within_two_percent_of_live_bytes() {
     }
 }
 
-/// Workloads recorded after the policy was last changed: below PyTorch's default everywhere,
-/// but over the 1.02 goal on two of them (decoding with a KV cache that grows by `torch.cat`
-/// at every token: 1.082×, above `expandable_segments`' 1.073×; a GAN: 1.049×). These bounds
-/// guard the figures docs/policy.md gives; the goal itself is open there.
+/// Workloads recorded after the policy's design (the chunk cap of Note [Chunk shapes] came of
+/// the first two): below every PyTorch setting, and within 2% of live bytes except decoding
+/// with a KV cache grown by `torch.cat` at every token, 1.056x (docs/policy.md says why). That
+/// bound guards the figure docs/policy.md gives; the goal itself is open there.
 #[test]
-fn later_workloads_stay_below_pytorchs_default() {
-    for (name, bound) in LATER.iter().zip([1.083, 1.049, 1.004]) {
+fn later_workloads_stay_below_every_pytorch_setting() {
+    for (name, bound) in LATER.iter().zip([1.056, 1.02, 1.02]) {
         let trace = read_trace(&data(name)).unwrap();
         let ours = ratio(&trace, "gpumem");
         assert!(ours <= bound, "{name}: reserved_ratio {ours:.4} above {bound}");
-        let theirs = ratio(&trace, "torch");
-        assert!(ours < theirs, "{name}: gpumem {ours:.4} >= torch {theirs:.4}");
+        for torch in ["torch", "torch-expandable"] {
+            let theirs = ratio(&trace, torch);
+            assert!(ours < theirs, "{name}: gpumem {ours:.4} >= {torch} {theirs:.4}");
+        }
     }
 }
 

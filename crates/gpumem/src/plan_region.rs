@@ -20,7 +20,7 @@
 use crate::device::{Device, StreamId};
 use crate::error::AllocError;
 use crate::packed::{Packed, Piece};
-use crate::packed_alloc::chunk_len;
+use crate::packed_alloc::{chunk_len, MAX_CHUNK};
 use crate::plan::{Entry, Plan, Spot, MAX_MISSES};
 
 /// The plan being followed: where its region and holes lie and which request comes next.
@@ -301,7 +301,8 @@ impl<D: Device> Packed<D> {
     fn map_reserved(&mut self, lo: u64, hi: u64, stream: StreamId, limit: u64) -> Result<bool, AllocError> {
         let mut at = lo;
         while at < hi {
-            let n = chunk_len(hi - at);
+            // the region stays mapped while the plan is followed: big chunks, few calls
+            let n = chunk_len(hi - at, MAX_CHUNK);
             if self.mapped_bytes + n > limit || self.map_chunk(at, n, stream)?.is_none() {
                 return Ok(false);
             }

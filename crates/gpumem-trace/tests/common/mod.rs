@@ -30,10 +30,10 @@ pub const RECORDED: [&str; 8] = [
     "vit_train_amp_24steps.jsonl.gz",
 ];
 
-/// Traces recorded after the `gpumem` policy was last changed (scripts/record_traces.py):
+/// Traces recorded after the `gpumem` policy's design (scripts/record_traces.py):
 /// autoregressive decoding with a growing KV cache, a GAN, and gradient accumulation over
 /// micro-batches of random sizes. The `gpumem` policy's memory goal (1.02×) is not met on the
-/// first two (docs/policy.md, "Where it falls short").
+/// first (docs/policy.md, "Where it falls short").
 #[allow(dead_code)]
 pub const LATER: [&str; 3] =
     ["llm_decode_kvcache.jsonl.gz", "gan_train.jsonl.gz", "resnet_gradaccum_varbatch.jsonl.gz"];
