@@ -1,7 +1,6 @@
 //! Replaying on the real GPU.
 
 use crate::replay::ReplayDevice;
-use cudarc::driver::sys;
 use gpumem::{CudaDevice, Device, DeviceError, EventId, StreamId};
 use std::sync::Arc;
 
@@ -119,34 +118,13 @@ impl ReplayDevice for CudaReplayDevice {
         (c.maps, c.unmaps)
     }
     fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: the context is current; `addr` lies in a live block of the replay, and the
-        // copy reads 8 bytes from `value` before it returns.
-        let r = unsafe { sys::cuMemcpyHtoD_v2(addr, &value as *const u64 as *const std::ffi::c_void, 8) };
-        check("cuMemcpyHtoD", r)
+        // SAFETY: `addr` lies in a live block of the replay; no kernel runs.
+        unsafe { self.dev.write_bytes(addr, &value.to_ne_bytes()) }
     }
     fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError> {
-        self.bind()?;
-        let mut value = 0u64;
-        // SAFETY: as above; the copy writes 8 bytes into `value` before it returns.
-        let r = unsafe { sys::cuMemcpyDtoH_v2(&mut value as *mut u64 as *mut std::ffi::c_void, addr, 8) };
-        check("cuMemcpyDtoH", r).map(|_| Some(value))
-    }
-}
-
-impl CudaReplayDevice {
-    fn bind(&self) -> Result<(), DeviceError> {
-        self.dev
-            .context()
-            .bind_to_thread()
-            .map_err(|e| DeviceError::Driver { call: "cuCtxSetCurrent", message: format!("{e:?}") })
-    }
-}
-
-/// A driver result as a device error.
-fn check(call: &'static str, r: sys::CUresult) -> Result<(), DeviceError> {
-    match r {
-        sys::CUresult::CUDA_SUCCESS => Ok(()),
-        e => Err(DeviceError::Driver { call, message: format!("{e:?}") }),
+        let mut word = [0u8; 8];
+        // SAFETY: as above.
+        unsafe { self.dev.read_bytes(addr, &mut word) }?;
+        Ok(Some(u64::from_ne_bytes(word)))
     }
 }

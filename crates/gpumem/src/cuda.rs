@@ -140,6 +140,28 @@ impl CudaDevice {
         }
     }
 
+    /// Copies `bytes` from the host to device address `addr`, synchronously (for checks and
+    /// tests: `gpumem replay --check-contents` stamps blocks with it).
+    ///
+    /// # Safety
+    /// `addr..addr + bytes.len()` must be mapped device memory no kernel uses meanwhile.
+    pub unsafe fn write_bytes(&self, addr: u64, bytes: &[u8]) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: the context is current; the caller vouches for the range, and the copy
+        // reads `bytes` before it returns.
+        check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(addr, bytes.as_ptr().cast(), bytes.len()) })
+    }
+
+    /// Copies device memory at `addr` into `out`, synchronously.
+    ///
+    /// # Safety
+    /// `addr..addr + out.len()` must be mapped device memory.
+    pub unsafe fn read_bytes(&self, addr: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: as above; the copy writes `out` before it returns.
+        check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), addr, out.len()) })
+    }
+
     fn bind(&self) -> Result<(), DeviceError> {
         self.ctx.bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))
     }
