@@ -304,13 +304,9 @@ impl<D: Device> Packed<D> {
             (lo, ((place.start + place.size) / page * page).clamp(lo, to))
         };
         let mut pieces: Vec<(u64, u64)> = (from..lo).step_by(page as usize).map(|at| (at, page)).collect();
-        let mut at = lo;
+        let (mut at, cap) = (lo, self.chunk_cap());
         while at < hi {
-            let n = if self.config.compaction {
-                chunk_len(hi - at, self.chunk_cap())
-            } else {
-                (hi - at).min(MAX_CHUNK)
-            };
+            let n = if self.config.compaction { chunk_len(hi - at, cap) } else { (hi - at).min(MAX_CHUNK) };
             pieces.push((at, n));
             at += n;
         }
