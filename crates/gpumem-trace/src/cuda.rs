@@ -76,6 +76,15 @@ impl Device for CudaReplayDevice {
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
         self.dev.remap(ptr, size, keep)
     }
+    fn remap_staged(
+        &self,
+        ptr: u64,
+        size: u64,
+        keep: &[(u64, u64)],
+        save: &[(u64, u64, u64)],
+    ) -> Result<(), DeviceError> {
+        self.dev.remap_staged(ptr, size, keep, save)
+    }
     fn create_event(&self) -> Result<EventId, DeviceError> {
         self.dev.create_event()
     }

@@ -17,9 +17,10 @@
 //! space that the request can be mapped into. Pointers never change. It waits for the whole
 //! device first, because the copy must see every write to the live blocks, and no kernel may
 //! use them while it runs: a program that launches work from one thread while another
-//! allocates must turn it off (`compaction:False`). Both allocations exist during the copy;
-//! that memory is counted, and kept under the peak (Note [The copy's memory]) and within the
-//! memory fraction, if one is set.
+//! allocates must turn it off (`compaction:False`). Both allocations exist during a plain
+//! copy, and that memory is counted; where it would lift memory above the peak (or the memory
+//! fraction), the live bytes wait in free mapped memory elsewhere instead, and memory does not
+//! rise at all (Note [The copy's memory]).
 //!
 //! It is not free: about 250-390 µs per chunk on an H100 (`gpumem bench --device cuda`),
 //! mostly the release of the old allocation. docs/policy.md has what it costs per trace.
@@ -41,6 +42,24 @@ pub(crate) struct Candidate {
     pub chunk: u32,
     pub runs: Vec<Run>,
     pub kept: u64,
+}
+
+/// How a compaction copies the live pages (Note [The copy's memory]).
+enum Copy {
+    /// On the device, with both allocations held meanwhile.
+    Direct,
+    /// Through free mapped memory elsewhere, as `(from, to, len)` copies.
+    Staged(Vec<(u64, u64, u64)>),
+}
+
+/// What became of a chunk's compaction.
+#[derive(Debug, PartialEq, Eq)]
+enum Compacted {
+    Yes,
+    /// The device had no memory for the new allocations; nothing changed.
+    NoMemory,
+    /// The device cannot stage (`DeviceError::Unsupported`); nothing changed.
+    CannotStage,
 }
 
 /// A run of pages under live blocks: `start..end`, `users` blocks with `live_bytes` on it.
@@ -143,15 +162,24 @@ impl<D: Device> Packed<D> {
             return Ok(false);
         }
         self.device.synchronize_device()?;
-        // Note [The copy's memory]: both allocations exist while a chunk's live pages are
-        // copied. Where the peak is the limit, a copy that would lift memory above it is
-        // skipped, except for the one chunk that keeps the least, when nothing else fits:
-        // each compaction then makes room for the next. (Letting every copy reach the level
-        // the request would have mapped let the peak creep up by a copy's worth at every
-        // step of a long training run: vit, 24 steps, 1.026×.)
+        // Note [The copy's memory]
+        // --------------------------
+        // A remap holds both allocations while it copies the live pages, so compacting a chunk
+        // that keeps 4 MiB at the peak would lift the peak by 4 MiB. Where the copy does not
+        // fit under the peak, the live bytes wait in free mapped memory elsewhere instead
+        // (`Device::remap_staged`): copied out, the old allocation released, the new one
+        // mapped, copied back, and memory never rises. Free mapped memory is what compaction
+        // exists to give back, so there is nearly always room; where there is not, the one
+        // chunk that keeps the least is compacted the old way, once: each compaction then
+        // makes room for the next. (Letting every copy reach the level the request would have
+        // mapped let the peak creep up by a copy's worth at every step of a long training run:
+        // vit, 24 steps, 1.026×. Compacting the old way only, decoding with a growing KV cache
+        // crept up 2 MiB at a time, by the one chunk a time compacted above the peak: 1.056×;
+        // staged, 1.029×, the floor its layout then set: docs/policy.md.)
         let cands: Vec<Candidate> = order.into_iter().filter_map(|c| self.candidate(c)).collect();
         let mut done = vec![false; cands.len()];
         let mut any = false;
+        let mut can_stage = true;
         while self.mapped_bytes + needed > limit {
             let mut progress = false;
             for (i, cand) in cands.iter().enumerate() {
@@ -160,12 +188,33 @@ impl<D: Device> Packed<D> {
                 }
                 let ceiling = if limit > 0 { limit.max(self.high_water) } else { u64::MAX };
                 let ceiling = self.allowed_memory_maximum.map_or(ceiling, |max| ceiling.min(max));
-                if done[i] || self.mapped_bytes + cand.kept > ceiling {
+                if done[i] {
                     continue;
                 }
+                let how = if self.mapped_bytes + cand.kept <= ceiling {
+                    Copy::Direct
+                } else {
+                    match self.staging(cand).filter(|_| can_stage) {
+                        Some(save) => Copy::Staged(save),
+                        None => continue,
+                    }
+                };
                 done[i] = true;
-                if !self.compact_chunk(cand)? {
-                    return Ok(true); // no memory for the copy: the device is full
+                let mut outcome = self.compact_chunk(cand, how)?;
+                if outcome == Compacted::NoMemory && can_stage {
+                    // the device is full: the copy can still wait in free memory
+                    if let Some(save) = self.staging(cand) {
+                        outcome = self.compact_chunk(cand, Copy::Staged(save))?;
+                    }
+                }
+                match outcome {
+                    Compacted::Yes => {}
+                    Compacted::NoMemory => return Ok(true), // the device is full
+                    Compacted::CannotStage => {
+                        can_stage = false;
+                        done[i] = false;
+                        continue;
+                    }
                 }
                 progress = true;
                 any = true;
@@ -183,7 +232,7 @@ impl<D: Device> Packed<D> {
                 break;
             }
             done[i] = true;
-            if !self.compact_chunk(&cands[i])? {
+            if self.compact_chunk(&cands[i], Copy::Direct)? != Compacted::Yes {
                 break;
             }
             any = true;
@@ -191,29 +240,90 @@ impl<D: Device> Packed<D> {
         Ok(any)
     }
 
+    /// Where the live bytes of `cand`'s chunk can wait while it is remapped (Note [The copy's
+    /// memory]): copies `(from, to, len)` of each run's live extent into the largest free
+    /// mapped pieces outside the chunk; `None` if those cannot hold them all.
+    fn staging(&self, cand: &Candidate) -> Option<Vec<(u64, u64, u64)>> {
+        let ch = self.chunks[cand.chunk as usize].as_ref()?;
+        let (lo, hi) = (ch.start, ch.start + ch.size);
+        // what must be kept: each run's bytes from its first live byte to its last
+        let blocks = self.live_blocks_in(lo, hi);
+        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(cand.runs.len());
+        for (a, n) in blocks {
+            let (a, end) = (a.max(lo), (a + n).min(hi));
+            match spans.last_mut() {
+                // less than a page apart: the pages between are kept too
+                Some(last) if a < last.1 + self.page => last.1 = last.1.max(end),
+                _ => spans.push((a, end)),
+            }
+        }
+        let need: u64 = spans.iter().map(|s| s.1 - s.0).sum();
+        // free mapped space outside the chunk, largest first (after the device was
+        // synchronized, nothing uses free memory of any stream)
+        let mut room: Vec<(u64, u64)> = Vec::new();
+        for &(_, n, a) in &self.free {
+            if a + n <= lo || a >= hi {
+                room.push((a, n));
+            } else {
+                if a < lo {
+                    room.push((a, lo - a));
+                }
+                if a + n > hi {
+                    room.push((hi, a + n - hi));
+                }
+            }
+        }
+        room.sort_unstable_by_key(|&(a, n)| (std::cmp::Reverse(n), a));
+        let mut save = Vec::new();
+        let mut slots = room.into_iter();
+        let (mut at, mut left) = (0, 0);
+        for (mut from, end) in spans {
+            while from < end {
+                if left == 0 {
+                    (at, left) = slots.next()?;
+                }
+                let n = left.min(end - from);
+                save.push((from, at, n));
+                (from, at, left) = (from + n, at + n, left - n);
+            }
+        }
+        debug_assert_eq!(save.iter().map(|s| s.2).sum::<u64>(), need);
+        Some(save)
+    }
+
     /// Gives back every wholly free page of every chunk that holds a live block.
     pub(crate) fn compact_all(&mut self) -> Result<(), AllocError> {
         self.compact(0, 0, (0, 0)).map(|_| ())
     }
 
-    /// Shrinks one chunk to the runs of pages under its live blocks; `false` if the device
-    /// had no memory for the copy (nothing changed then).
-    fn compact_chunk(&mut self, cand: &Candidate) -> Result<bool, AllocError> {
+    /// Shrinks one chunk to the runs of pages under its live blocks, copying them as `how`
+    /// says.
+    fn compact_chunk(&mut self, cand: &Candidate, how: Copy) -> Result<Compacted, AllocError> {
         let c = cand.chunk;
         let (start, size, other_streams) = {
             let ch = self.chunks[c as usize].as_ref().unwrap();
             (ch.start, ch.size, ch.other_streams)
         };
         let keep: Vec<(u64, u64)> = cand.runs.iter().map(|r| (r.start, r.end - r.start)).collect();
-        match self.device.remap(start, size, &keep) {
+        let done = match &how {
+            Copy::Direct => self.device.remap(start, size, &keep),
+            Copy::Staged(save) => self.device.remap_staged(start, size, &keep, save),
+        };
+        match done {
             Ok(()) => {}
-            Err(DeviceError::OutOfMemory) => return Ok(false),
+            Err(DeviceError::OutOfMemory) => return Ok(Compacted::NoMemory),
+            Err(DeviceError::Unsupported(_)) if matches!(how, Copy::Staged(_)) => {
+                return Ok(Compacted::CannotStage)
+            }
             Err(e) => return Err(e.into()),
         }
-        // Both allocations were held during the copy: the peak must say so.
-        self.stats.reserved_bytes.increase(PoolKind::Large, cand.kept);
-        self.high_water = self.high_water.max(self.mapped_bytes + cand.kept);
-        self.stats.reserved_bytes.decrease(PoolKind::Large, size);
+        if matches!(how, Copy::Direct) {
+            // Both allocations were held during the copy: the peak must say so.
+            self.stats.reserved_bytes.increase(PoolKind::Large, cand.kept);
+            self.high_water = self.high_water.max(self.mapped_bytes + cand.kept);
+            self.stats.reserved_bytes.decrease(PoolKind::Large, cand.kept);
+        }
+        self.stats.reserved_bytes.decrease(PoolKind::Large, size - cand.kept);
         self.mapped_bytes -= size - cand.kept;
         self.chunks[c as usize] = None;
         self.vacant_chunks.push(c);
@@ -237,7 +347,7 @@ impl<D: Device> Packed<D> {
             }
             at = hi;
         }
-        Ok(true)
+        Ok(Compacted::Yes)
     }
 
     /// Records `chunk` (already mapped) and points its pages at it.

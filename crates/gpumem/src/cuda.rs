@@ -330,6 +330,42 @@ impl Device for CudaDevice {
         })
     }
 
+    fn remap_staged(
+        &self,
+        ptr: u64,
+        size: u64,
+        keep: &[(u64, u64)],
+        save: &[(u64, u64, u64)],
+    ) -> Result<(), DeviceError> {
+        self.bind()?;
+        let copy = |dst: u64, src: u64, n: u64| {
+            // SAFETY: both ranges are mapped, n bytes long, and nothing else uses them (the
+            // caller waited for the GPU and gives free memory as the staging area).
+            check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(dst, src, n as usize) })
+        };
+        for &(from, to, n) in save {
+            copy(to, from, n)?;
+        }
+        // SAFETY: the context is current; the copies must be done before the unmap.
+        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })?;
+        // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
+        check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
+        self.count(3);
+        // From here a failure loses the saved contents' way home: say so plainly.
+        let lost = |e: DeviceError| DeviceError::Driver {
+            call: "cuMemMap",
+            message: format!("remapping moved pages failed, their contents are lost: {e}"),
+        };
+        for &(a, n) in keep {
+            self.map(a, n).map_err(lost)?;
+        }
+        for &(from, to, n) in save {
+            copy(from, to, n).map_err(lost)?;
+        }
+        // SAFETY: the context is current; the staging area is free memory again after this.
+        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }).map_err(lost)
+    }
+
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         self.bind()?;
         // SAFETY: the range was mapped by `map`, and the engine waited for the GPU first.

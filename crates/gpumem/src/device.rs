@@ -101,6 +101,25 @@ pub trait Device: Send + Sync {
     /// chunk that still holds live blocks (Note \[Compaction\] in `compact.rs`).
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError>;
 
+    /// [`Device::remap`] without holding both allocations at once: the bytes `save` names
+    /// are first copied out, each `(from, to, len)` from inside `keep` to mapped memory
+    /// outside the range that nothing uses meanwhile (free space of the caller's); then the old
+    /// allocation is released, the new ones are mapped, and the saved bytes are copied back.
+    /// Bytes of `keep` not saved are not kept. Memory never rises above what was held
+    /// before, which is what lets compaction run when memory is at its peak (Note [The
+    /// copy's memory] in `compact.rs`). The same waiting rules as for `remap` apply. A
+    /// device that cannot do it says `Unsupported`, and the caller compacts without it.
+    fn remap_staged(
+        &self,
+        ptr: u64,
+        size: u64,
+        keep: &[(u64, u64)],
+        save: &[(u64, u64, u64)],
+    ) -> Result<(), DeviceError> {
+        let _ = (ptr, size, keep, save);
+        Err(DeviceError::Unsupported("remapping through a staging area"))
+    }
+
     /// Creates an event (`cuEventCreate`, timing disabled).
     fn create_event(&self) -> Result<EventId, DeviceError>;
     /// Destroys an event.

@@ -87,7 +87,7 @@ impl<D: Device> Packed<D> {
         // At the start of the hole, not its end: the block then lies over the chunks it
         // shares with the block freed there before, which keeps chunks whole (measured: taking
         // the end instead costs up to 5 points of reserved memory on the shared traces).
-        self.carve(addr, size, stream, orig, seq);
+        let addr = self.carve(addr, size, stream, orig, seq);
         if let Some(first) = self.detector.confirmed_start().filter(|_| search) {
             // A loop whose last period made no device call has settled under best fit: a
             // plan would only cost its taking over.
@@ -108,16 +108,50 @@ impl<D: Device> Packed<D> {
         self.free.range((stream.0, size, 0)..).next().filter(|k| k.0 == stream.0).map(|k| k.2)
     }
 
-    /// Takes `size` bytes at the start of the free piece at `addr` for a new block.
-    fn carve(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64, seq: u64) {
+    /// Takes `size` bytes of the free piece at `addr` for a new block, at its start or, for a
+    /// block of whole pages, at its first page boundary (Note [Blocks of whole pages]), and
+    /// returns the block's address.
+    fn carve(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64, seq: u64) -> u64 {
         let (psize, kind) = self.spans[&addr];
         debug_assert!(matches!(kind, Piece::Free { .. }) && psize >= size);
-        if psize > size {
+        // Note [Blocks of whole pages]
+        // ------------------------------
+        // A block whose size is a whole number of pages, placed off a page boundary, lies
+        // over one page more than it fills. While its neighbours live, that costs nothing: they
+        // share the pages at its ends. Once they are gone, the block pins two half-used pages
+        // that compaction cannot give back. Tensors of whole pages are common (a 24 MiB
+        // attention input, a 32 MiB score matrix), and long-lived ones among them outlive
+        // their neighbours: in decoding with a KV cache, the prompt's twelve cached 24 MiB
+        // blocks each held 26 MiB, 2.9% of the peak. So where its hole has room, such a block
+        // starts at the hole's first page boundary; what lies before it is less than a page, in
+        // a page its neighbour already holds. Measured: decoding 1.029× → 1.017×; the
+        // transformer LM 1.0075 → 1.0006, U-Net 1.0055 → 1.0012, no trace worse by more than
+        // 0.0013. Aligning blocks of any size of a page or more instead (where that saves a
+        // page) did better on decoding (1.002×) but shifted the rest of their holes, so that
+        // blocks that fitted them before no longer did: ViT 1.020×, 1.022× over 24 steps.
+        let page = self.page;
+        let aligned = addr.div_ceil(page) * page;
+        let at = if size >= page
+            && size.is_multiple_of(page)
+            && aligned > addr
+            && aligned + size <= addr + psize
+        {
+            aligned
+        } else {
+            addr
+        };
+        if at > addr {
+            self.resize_piece(addr, at - addr);
+            if at + size < addr + psize {
+                self.set_piece(at + size, addr + psize - at - size, kind);
+            }
+        } else if psize > size {
             self.advance_piece(addr, size);
         } else {
             self.take_piece(addr);
         }
-        self.install(addr, size, stream, orig, seq);
+        self.install(at, size, stream, orig, seq);
+        at
     }
 
     /// Records a new live block at `addr`.

@@ -32,8 +32,11 @@ pub struct SimCounters {
     pub maps: u64,
     /// `unmap` calls.
     pub unmaps: u64,
-    /// `remap` calls (each also counted as one unmap and a map per kept range).
+    /// `remap` and `remap_staged` calls (each also counted as one unmap and a map per kept
+    /// range).
     pub remaps: u64,
+    /// Of those, `remap_staged` calls.
+    pub staged_remaps: u64,
     /// `reserve` calls.
     pub reserves: u64,
     /// `unreserve` calls.
@@ -230,11 +233,52 @@ fn overlaps(map: &BTreeMap<u64, u64>, ptr: u64, size: u64) -> bool {
     false
 }
 
+/// Whether `ptr..ptr + size` lies wholly in mappings (one or several adjacent ones).
+fn covered(map: &BTreeMap<u64, u64>, ptr: u64, size: u64) -> bool {
+    let mut at = ptr;
+    while at < ptr + size {
+        match map.range(..=at).next_back() {
+            Some((&p, &s)) if p + s > at => at = p + s,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Checks a remap's arguments: a mapping of exactly that size, and kept ranges sorted,
+/// page-aligned and inside it.
+fn check_remap(s: &State, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
+    if s.mappings.get(&ptr) != Some(&size) {
+        return Err(DeviceError::InvalidAddress(ptr, "not a mapping of that size"));
+    }
+    let mut at = ptr;
+    for &(a, n) in keep {
+        if a < at || a + n > ptr + size || n == 0 || !a.is_multiple_of(ALIGN) || !n.is_multiple_of(ALIGN) {
+            return Err(DeviceError::InvalidAddress(
+                a,
+                "kept range unsorted, unaligned or outside the mapping",
+            ));
+        }
+        at = a + n;
+    }
+    Ok(())
+}
+
 fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
 
 impl State {
+    /// Replaces the mapping at `ptr` by the mappings `keep` (a remap), counting the calls.
+    fn replace_mapping(&mut self, ptr: u64, size: u64, keep: &[(u64, u64)]) {
+        debug_assert_eq!(self.mappings.get(&ptr), Some(&size));
+        self.mappings.remove(&ptr);
+        self.mappings.extend(keep.iter().copied());
+        self.counters.remaps += 1;
+        self.counters.unmaps += 1;
+        self.counters.maps += keep.len() as u64;
+    }
+
     fn drop_tags(&mut self, from: u64, to: u64) {
         if from < to {
             let gone: Vec<u64> = self.tags.range(from..to).map(|(&a, _)| a).collect();
@@ -353,34 +397,74 @@ impl Device for SimDevice {
 
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
-        if s.mappings.get(&ptr) != Some(&size) {
-            return Err(DeviceError::InvalidAddress(ptr, "not a mapping of that size"));
-        }
-        let mut at = ptr;
-        for &(a, n) in keep {
-            if a < at || a + n > ptr + size || n == 0 || !a.is_multiple_of(ALIGN) || !n.is_multiple_of(ALIGN)
-            {
-                return Err(DeviceError::InvalidAddress(
-                    a,
-                    "kept range unsorted, unaligned or outside the mapping",
-                ));
-            }
-            at = a + n;
-        }
+        check_remap(&s, ptr, size, keep)?;
         // Both allocations are held while the contents are copied.
         let kept: u64 = keep.iter().map(|k| k.1).sum();
         s.take_memory(kept)?;
         s.used -= size;
-        s.mappings.remove(&ptr);
-        s.mappings.extend(keep.iter().copied());
+        s.replace_mapping(ptr, size, keep);
         let mut at = ptr;
         for &(a, n) in keep.iter().chain(std::iter::once(&(ptr + size, 0))) {
             s.drop_tags(at, a);
             at = a + n;
         }
-        s.counters.remaps += 1;
-        s.counters.unmaps += 1;
-        s.counters.maps += keep.len() as u64;
+        Ok(())
+    }
+
+    fn remap_staged(
+        &self,
+        ptr: u64,
+        size: u64,
+        keep: &[(u64, u64)],
+        save: &[(u64, u64, u64)],
+    ) -> Result<(), DeviceError> {
+        let mut s = self.state.lock();
+        check_remap(&s, ptr, size, keep)?;
+        let mut targets: Vec<(u64, u64)> = save.iter().map(|&(_, to, n)| (to, n)).collect();
+        targets.sort_unstable();
+        if targets.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(DeviceError::InvalidAddress(
+                targets[0].0,
+                "saved ranges overlap in the staging area",
+            ));
+        }
+        for &(from, to, n) in save {
+            let inside = keep.iter().any(|&(a, k)| from >= a && from + n <= a + k);
+            if !inside || to < ptr + size && to + n > ptr || !covered(&s.mappings, to, n) {
+                return Err(DeviceError::InvalidAddress(
+                    to,
+                    "a saved range outside the kept pages, or staged where nothing is mapped or inside the range",
+                ));
+            }
+        }
+        // Copied out (what was in the staging area is overwritten), the old allocation
+        // released, the new ones made (the pages are fresh: nothing of the old contents is
+        // left), and the saved words copied back.
+        let moved = |s: &State, from: u64, to: u64, n: u64| -> Vec<(u64, u64)> {
+            s.tags.range(from..from + n).map(|(&a, &t)| (to + (a - from), t)).collect()
+        };
+        let mut out = Vec::new();
+        for &(from, to, n) in save {
+            out.push(moved(&s, from, to, n));
+            s.drop_tags(to, to + n);
+        }
+        for (words, &(_, to, n)) in out.iter().zip(save) {
+            debug_assert!(words.iter().all(|&(a, _)| a >= to && a < to + n));
+            s.tags.extend(words.iter().copied());
+        }
+        s.used -= size;
+        let kept: u64 = keep.iter().map(|k| k.1).sum();
+        if let Err(e) = s.take_memory(kept) {
+            s.used += size;
+            return Err(e);
+        }
+        s.replace_mapping(ptr, size, keep);
+        s.drop_tags(ptr, ptr + size);
+        for &(from, to, n) in save {
+            let back = moved(&s, to, from, n);
+            s.tags.extend(back);
+        }
+        s.counters.staged_remaps += 1;
         Ok(())
     }
 
@@ -431,5 +515,61 @@ impl Device for SimDevice {
         self.state.lock().counters.synchronizes += 1;
         self.complete_all();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A device of 12 MiB with an 8 MiB mapping holding words in its first and last pages,
+    /// and a 2 MiB mapping beside it to stage them in.
+    fn full_device() -> (SimDevice, u64, u64) {
+        let sim = SimDevice::new(12 * MIB);
+        let va = sim.reserve(64 * MIB).unwrap();
+        sim.map(va, 8 * MIB).unwrap();
+        sim.map(va + 16 * MIB, 2 * MIB).unwrap();
+        for (a, t) in [(va + 100, 1), (va + MIB, 2), (va + 7 * MIB + 8, 3), (va + 5 * MIB, 4)] {
+            sim.write_tag(a, t).unwrap();
+        }
+        (sim, va, va + 16 * MIB)
+    }
+
+    #[test]
+    fn a_staged_remap_keeps_the_saved_words_without_holding_both_allocations() {
+        let (sim, va, stage) = full_device();
+        let keep = [(va, 2 * MIB), (va + 6 * MIB, 2 * MIB)];
+        // a plain remap would hold 8 + 4 MiB beside the 2 MiB staging mapping: no room
+        assert_eq!(sim.remap(va, 8 * MIB, &keep), Err(DeviceError::OutOfMemory));
+        let save = [(va, stage, MIB + 8), (va + 7 * MIB, stage + 3 * MIB / 2, 16)];
+        sim.remap_staged(va, 8 * MIB, &keep, &save).unwrap();
+        assert_eq!(sim.used(), 6 * MIB);
+        assert_eq!(sim.live_mappings(), vec![(va, 2 * MIB), (va + 6 * MIB, 2 * MIB), (stage, 2 * MIB)]);
+        // saved words come back; the word on a given-back page and the unsaved one do not
+        assert_eq!(sim.read_tag(va + 100), Some(1));
+        assert_eq!(sim.read_tag(va + MIB), Some(2));
+        assert_eq!(sim.read_tag(va + 7 * MIB + 8), Some(3));
+        assert_eq!(sim.read_tag(va + 5 * MIB), None);
+        assert_eq!(sim.counters().staged_remaps, 1);
+    }
+
+    #[test]
+    fn a_staged_remap_refuses_what_would_lose_data() {
+        let (sim, va, stage) = full_device();
+        let keep = [(va, 2 * MIB)];
+        let bad: [&[(u64, u64, u64)]; 4] = [
+            &[(va + 5 * MIB, stage, 16)],                        // not a kept page
+            &[(va, va + 4 * MIB, 16)],                           // staged inside the range
+            &[(va, stage + 2 * MIB, 16)],                        // staged where nothing is mapped
+            &[(va, stage, 2 * MIB), (va + 16, stage + MIB, 16)], // staged twice in one place
+        ];
+        for save in bad {
+            let e = sim.remap_staged(va, 8 * MIB, &keep, save).unwrap_err();
+            assert!(matches!(e, DeviceError::InvalidAddress(..)), "{save:?}: {e}");
+        }
+        assert_eq!(sim.used(), 10 * MIB, "nothing changed");
+        assert_eq!(sim.read_tag(va + 7 * MIB + 8), Some(3));
     }
 }

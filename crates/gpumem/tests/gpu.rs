@@ -368,6 +368,38 @@ fn gpu_gpumem_compaction_moves_pages_under_live_tensors_intact() {
     assert_eq!(a.memory_reserved(), 0);
 }
 
+/// Note [The copy's memory] on real memory: at the peak, the page under a live tensor waits
+/// in another stream's free memory while its chunk is remapped; the peak does not move and
+/// both tensors keep their contents.
+fn gpu_gpumem_staged_compaction_keeps_tensors_intact() {
+    let dev = gpu();
+    let a = allocator(dev.clone(), "policy:gpumem");
+    let stream = dev.context().default_stream();
+    let side = dev.context().new_stream().unwrap();
+    let big = Tensor::<u8>::empty_with(&a, &stream, &[32 << 20]).unwrap();
+    let guard = Tensor::<u8>::empty_with(&a, &stream, &[3 << 19]).unwrap();
+    let bytes: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let mut other = Tensor::<u8>::empty_with(&a, &side, &[1 << 20]).unwrap();
+    other.copy_from(&bytes).unwrap();
+    drop(big);
+    let x = Tensor::<u8>::empty_with(&a, &stream, &[16 << 20]).unwrap();
+    let n = 1 << 18;
+    let pattern: Vec<i32> = (0..n as i32).map(|i| i.wrapping_mul(-1640531527)).collect();
+    let mut small = Tensor::<i32>::empty_with(&a, &stream, &[n]).unwrap();
+    small.copy_from(&pattern).unwrap();
+    drop(x);
+    assert_eq!(a.memory_reserved(), 36 << 20);
+    let mut grown = Tensor::<u8>::empty_with(&a, &stream, &[20 << 20]).unwrap();
+    grown.fill_ones().unwrap();
+    assert_eq!(a.max_memory_reserved(), 36 << 20, "the copy waited in free memory");
+    assert_eq!(small.to_vec().unwrap(), pattern, "the tensor's contents moved with it");
+    assert_eq!(other.to_vec().unwrap(), bytes, "the staging area was free memory only");
+    drop((small, guard, other, grown));
+    side.synchronize().unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 0);
+}
+
 /// A training loop on real memory: tensors keep their contents step after step while the
 /// policy settles (here best fit settles by itself, so no plan is made: Note [Periodic
 /// plans]; `gpumem replay --device cuda` of the 24-step GPT-2 trace runs one on real memory),
@@ -423,6 +455,10 @@ fn main() {
         (
             "gpu_gpumem_compaction_moves_pages_under_live_tensors_intact",
             gpu_gpumem_compaction_moves_pages_under_live_tensors_intact,
+        ),
+        (
+            "gpu_gpumem_staged_compaction_keeps_tensors_intact",
+            gpu_gpumem_staged_compaction_keeps_tensors_intact,
         ),
         ("gpu_gpumem_periodic_plan_keeps_tensors_intact", gpu_gpumem_periodic_plan_keeps_tensors_intact),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),

@@ -287,3 +287,56 @@ fn compaction_turns_an_out_of_memory_into_a_success() {
         consistent(&a, &sim);
     }
 }
+
+/// Note [The copy's memory]: at the peak, the live bytes of a chunk being compacted wait in
+/// free memory elsewhere (of any stream: the device is synchronized first), so compaction
+/// does not lift the peak by the pages it keeps.
+#[test]
+fn compaction_at_the_peak_stages_the_copy_in_free_memory() {
+    let (sim, a) = setup();
+    let s1 = StreamId(1);
+    let big = a.malloc(32 * MIB, S0).unwrap(); // one chunk
+    let guard = a.malloc(3 * MIB / 2, S0).unwrap();
+    let other = a.malloc(MIB, s1).unwrap(); // leaves 1 MiB free in a page of its stream
+    a.free(big).unwrap();
+    let x = a.malloc(16 * MIB, S0).unwrap();
+    let small = a.malloc(MIB, S0).unwrap();
+    assert_eq!(small, big + 16 * MIB);
+    a.free(x).unwrap();
+    sim.write_tag(small, 7).unwrap();
+    sim.write_tag(small + MIB - 8, 8).unwrap();
+    assert_eq!(a.memory_reserved(), 36 * MIB);
+    // 20 MiB fit neither hole of the chunk `small` pins; the chunk gives back its 15 free
+    // pages, and the MiB under `small` waits in the other stream's page meanwhile: the peak
+    // stays where it was (copied on the device, the page it keeps would have lifted it)
+    let grown = a.malloc(20 * MIB, S0).unwrap();
+    assert_eq!(a.max_memory_reserved(), 36 * MIB);
+    assert_eq!(sim.counters().staged_remaps, 1);
+    assert_eq!((sim.read_tag(small), sim.read_tag(small + MIB - 8)), (Some(7), Some(8)));
+    consistent(&a, &sim);
+    for p in [small, guard, other, grown] {
+        a.free(p).unwrap();
+    }
+}
+
+/// Note [Blocks of whole pages]: a block of whole pages starts at its hole's first page
+/// boundary, so that once its neighbours are gone it holds no more pages than it fills.
+#[test]
+fn a_block_of_whole_pages_is_laid_on_whole_pages() {
+    let (sim, a) = setup();
+    let head = a.malloc(MIB / 2, S0).unwrap();
+    let hole = a.malloc(40 * MIB + MIB / 2, S0).unwrap();
+    let tail = a.malloc(MIB, S0).unwrap();
+    a.free(hole).unwrap();
+    let kv = a.malloc(24 * MIB, S0).unwrap();
+    let odd = a.malloc(3 * MIB + 4096, S0).unwrap();
+    assert_eq!(kv % (2 * MIB), 0, "whole pages start on a page");
+    assert_eq!(kv, hole + 3 * MIB / 2);
+    assert_eq!(odd, kv + 24 * MIB, "other blocks go where best fit puts them");
+    a.free(head).unwrap();
+    a.free(tail).unwrap();
+    a.free(odd).unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 24 * MIB, "once alone, the block holds just its pages");
+    consistent(&a, &sim);
+}
