@@ -71,9 +71,9 @@ pub(crate) struct Run {
 }
 
 impl<D: Device> Packed<D> {
-    /// The chunks outside `keep` that hold a live block and may have wholly free pages, the
-    /// most free bytes first (cheap: from the per-chunk counts; `candidate` says exactly).
-    pub(crate) fn compaction_order(&self, keep: (u64, u64)) -> Vec<u32> {
+    /// The chunks that hold a live block and may have wholly free pages, the most free bytes
+    /// first (cheap: from the per-chunk counts; `candidate` says exactly).
+    pub(crate) fn compaction_order(&self) -> Vec<u32> {
         let mut out: Vec<(u64, u32)> = self
             .chunks
             .iter()
@@ -81,33 +81,46 @@ impl<D: Device> Packed<D> {
             .filter_map(|(c, ch)| {
                 let ch = ch.as_ref()?;
                 let free = ch.size - ch.live_bytes;
-                let outside =
-                    (ch.start >= keep.1 || ch.start + ch.size <= keep.0) && !self.in_plan_region(ch.start);
-                (ch.users > 0 && free >= self.page && outside).then_some((free, c as u32))
+                (ch.users > 0 && free >= self.page && !self.in_plan_region(ch.start))
+                    .then_some((free, c as u32))
             })
             .collect();
         out.sort_unstable_by_key(|&(free, c)| (std::cmp::Reverse(free), c));
         out.into_iter().map(|(_, c)| c).collect()
     }
 
-    /// What compacting chunk `c` would keep and give back; `None` if it has no wholly free
-    /// page.
-    pub(crate) fn candidate(&self, c: u32) -> Option<Candidate> {
+    /// What compacting chunk `c` would keep and give back, `keep` (the place of the request
+    /// compaction makes room for) counting as live; `None` if it has no wholly free page.
+    ///
+    /// Note [Chunks under the request]: a request often lands where a block was just freed,
+    /// over a chunk that also holds live blocks and free pages beyond the request's end. Those
+    /// pages are given back like any others, and the pages under the request stay (as a run of
+    /// their own, idle until it lands). Measured: leaving such chunks alone, a DCGAN whose
+    /// cuDNN workspace grows from 48.5 to 52.5 MiB in place reserved 1.033× its live bytes,
+    /// compacting them 1.010×; no trace went above 1.02.
+    pub(crate) fn candidate(&self, c: u32, keep: (u64, u64)) -> Option<Candidate> {
         let page = self.page;
         let ch = self.chunks[c as usize].as_ref()?;
         let (start, end) = (ch.start, ch.start + ch.size);
         let mut runs: Vec<Run> = Vec::new();
-        for (a, n) in self.live_blocks_in(start, end) {
+        // the request's place counts as live (its pages stay), but not as a user
+        let mut blocks: Vec<(u64, u64, u32)> =
+            self.live_blocks_in(start, end).into_iter().map(|(a, n)| (a, n, 1)).collect();
+        if keep.0 < end && keep.1 > start {
+            let i = blocks.partition_point(|b| b.0 < keep.0);
+            blocks.insert(i, (keep.0, keep.1 - keep.0, 0));
+        }
+        for (a, n, user) in blocks {
             let lo = a.max(start) / page * page;
             let hi = (a + n).min(end).div_ceil(page) * page;
-            let bytes = (a + n).min(end) - a.max(start);
+            let bytes = ((a + n).min(end) - a.max(start)) * user as u64;
             match runs.last_mut() {
                 Some(last) if last.end >= lo => {
                     last.end = last.end.max(hi);
-                    last.users += 1;
+                    last.users += user;
                     last.live_bytes += bytes;
                 }
-                _ => runs.push(Run { start: lo, end: hi, users: 1, live_bytes: bytes }),
+                _ => runs.push(Run { start: lo, end: hi, users: user, live_bytes: bytes }),
             }
         }
         let kept: u64 = runs.iter().map(|r| r.end - r.start).sum();
@@ -157,7 +170,7 @@ impl<D: Device> Packed<D> {
     /// Compacts chunks, most free pages first, until `needed` more bytes fit under `limit`
     /// (Note [Compaction]). Returns whether it compacted any.
     pub(crate) fn compact(&mut self, needed: u64, limit: u64, keep: (u64, u64)) -> Result<bool, AllocError> {
-        let order = self.compaction_order(keep);
+        let order = self.compaction_order();
         if order.is_empty() {
             return Ok(false);
         }
@@ -176,7 +189,7 @@ impl<D: Device> Packed<D> {
         // vit, 24 steps, 1.026×. Compacting the old way only, decoding with a growing KV cache
         // crept up 2 MiB at a time, by the one chunk a time compacted above the peak: 1.056×;
         // staged, 1.029×, the floor its layout then set: docs/policy.md.)
-        let cands: Vec<Candidate> = order.into_iter().filter_map(|c| self.candidate(c)).collect();
+        let cands: Vec<Candidate> = order.into_iter().filter_map(|c| self.candidate(c, keep)).collect();
         let mut done = vec![false; cands.len()];
         let mut any = false;
         let mut can_stage = true;
@@ -332,7 +345,14 @@ impl<D: Device> Packed<D> {
         self.page_chunk[first].fill(0);
         for r in &cand.runs {
             let (start, size, users, live_bytes) = (r.start, r.end - r.start, r.users, r.live_bytes);
-            self.add_chunk(Chunk { start, size, users, live_bytes, other_streams, idle_since: 0 });
+            let c = self.add_chunk(Chunk { start, size, users, live_bytes, other_streams, idle_since: 0 });
+            if users == 0 {
+                // a run kept only for the request about to land there: idle until it does
+                self.tick += 1;
+                self.chunks[c as usize].as_mut().unwrap().idle_since = self.tick;
+                self.idle.push_back((self.tick, c));
+                self.idle_bytes += size;
+            }
             // the runs stay mapped (in new memory): for the history, only the gaps change
             self.stats.num_device_alloc += 1;
         }

@@ -30,10 +30,18 @@ pub const RECORDED: [&str; 8] = [
     "vit_train_amp_24steps.jsonl.gz",
 ];
 
-/// Traces recorded after the `gpumem` policy's design (scripts/record_traces.py):
-/// autoregressive decoding with a growing KV cache, a GAN, and gradient accumulation over
-/// micro-batches of random sizes. The `gpumem` policy's memory goal (1.02×) is not met on the
-/// first (docs/policy.md, "Where it falls short").
+/// Traces recorded after the `gpumem` policy's design (scripts/record_traces.py), to test it:
+/// autoregressive decoding with a growing KV cache, a GAN, gradient accumulation over
+/// micro-batches of random sizes; then, later still, a re-creation of the GAN (the code that
+/// recorded the first was not kept), a mixture-of-experts transformer whose experts see a
+/// different number of tokens at every step, and serving with Hugging Face `generate()` at
+/// random batch and prompt sizes.
 #[allow(dead_code)]
-pub const LATER: [&str; 3] =
-    ["llm_decode_kvcache.jsonl.gz", "gan_train.jsonl.gz", "resnet_gradaccum_varbatch.jsonl.gz"];
+pub const LATER: [&str; 6] = [
+    "llm_decode_kvcache.jsonl.gz",
+    "gan_train.jsonl.gz",
+    "resnet_gradaccum_varbatch.jsonl.gz",
+    "gan_train_v2.jsonl.gz",
+    "moe_train.jsonl.gz",
+    "llm_serve_varlen.jsonl.gz",
+];
