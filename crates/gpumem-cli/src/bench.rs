@@ -136,6 +136,21 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
             d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
         }
         put(format!("remap_{}MiB_keep_2MiB", size / MIB), r);
+        // the same, the live page waiting in free mapped memory instead (Note [The copy's memory])
+        let stage = va + (7 << 30);
+        d.map(stage, 2 * MIB).map_err(Failure::work)?;
+        for i in 0..n {
+            d.map(va + i as u64 * size, size).map_err(Failure::work)?;
+        }
+        let s = time_us(n, |i| {
+            let base = va + i as u64 * size;
+            d.remap_staged(base, size, &[(at(i), 2 * MIB)], &[(at(i), stage, 2 * MIB)]).map_err(Failure::work)
+        })?;
+        for i in 0..n {
+            d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
+        }
+        d.unmap(stage, 2 * MIB).map_err(Failure::work)?;
+        put(format!("remap_staged_{}MiB_keep_2MiB", size / MIB), s);
     }
     d.unreserve(va, 8 << 30).map_err(Failure::work)?;
     let e = d.create_event().map_err(Failure::work)?;
