@@ -48,14 +48,15 @@ ours = defaultdict(list)
 for l in open(f"{o}/replay-cuda.jsonl"):
     d = json.loads(l); ours[(d["trace"], d["policy"])].append(d)
 print("median of %d rounds; x = gpumem / PyTorch default, in the same rounds" % len(next(iter(torch.values()))))
-print("%-24s %-22s %7s %8s %8s %6s %7s %7s %6s %6s" % ("trace", "policy", "ratio", "seconds", "torch s", "x", "steady", "torch", "x", "calls"))
+print("%-24s %-22s %7s %8s %8s %8s %6s %7s %7s %6s %6s" % ("trace", "policy", "ratio", "seconds", "driver", "torch s", "x", "steady", "torch", "x", "calls"))
 for (trace, policy), runs in ours.items():
     t = torch.get((trace, ""), [])
     if not t:
         continue
     s, ts = med(r["seconds"] for r in runs), med(r["seconds"] for r in t)
     st, tst = med(r["steady_ns_per_op"] for r in runs), med(r["steady_ns_per_op"] for r in t)
-    print("%-24s %-22s %7.4f %8.4f %8.4f %6.2f %7.0f %7.0f %6.2f %6d" % (trace[:24], policy, runs[0]["reserved_ratio"], s, ts, s / ts,
+    drv = med(r.get("device_seconds", 0.0) for r in runs)
+    print("%-24s %-22s %7.4f %8.4f %8.4f %8.4f %6.2f %7.0f %7.0f %6.2f %6d" % (trace[:24], policy, runs[0]["reserved_ratio"], s, drv, ts, s / ts,
           st, tst, st / tst, runs[0]["device_maps"] + runs[0]["device_unmaps"]))
 for (trace, conf), t in torch.items():
     if conf:

@@ -119,6 +119,7 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
         "dev frees".into(),
         "OOMs".into(),
         "seconds".into(),
+        "in driver".into(),
         "steady ns/op".into(),
     ]];
     if verify {
@@ -137,6 +138,7 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
             r.device_frees.to_string(),
             r.ooms.to_string(),
             format!("{:.4}", r.seconds),
+            r.device_seconds.map_or("-".into(), |d| format!("{d:.4}")),
             format!("{:.0}", r.steady_ns_per_op),
         ];
         if verify {

@@ -126,6 +126,9 @@ impl ReplayDevice for CudaReplayDevice {
         let c = self.dev.counters();
         (c.maps, c.unmaps)
     }
+    fn memory_call_seconds(&self) -> Option<f64> {
+        Some(self.dev.counters().memory_call_ns as f64 * 1e-9)
+    }
     fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError> {
         // SAFETY: `addr` lies in a live block of the replay; no kernel runs.
         unsafe { self.dev.write_bytes(addr, &value.to_ne_bytes()) }

@@ -26,6 +26,11 @@ pub trait ReplayDevice: Device + Clone {
     fn malloc_log(&self) -> Vec<(u64, u64)>;
     /// Page map and unmap calls so far.
     fn map_counts(&self) -> (u64, u64);
+    /// Seconds spent in the driver's memory calls so far, where the device measures them (a
+    /// GPU; the simulated device's calls take no real time).
+    fn memory_call_seconds(&self) -> Option<f64> {
+        None
+    }
     /// Writes the 8-byte word `value` at `addr` (for `check_contents`).
     fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError>;
     /// Reads the 8-byte word at `addr`; `None` where the memory under it is gone (the
@@ -105,6 +110,11 @@ pub struct ReplayReport {
     pub device_maps: u64,
     /// Page unmap calls.
     pub device_unmaps: u64,
+    /// Of `seconds`, the time spent in the driver's memory calls (segment allocations and
+    /// frees, maps, unmaps, remaps, and the waits for the GPU before unmapping), with
+    /// `--device cuda`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_seconds: Option<f64>,
     /// Allocations that failed for lack of memory.
     pub ooms: u64,
     /// Allocation retries after flushing the cache.
@@ -229,6 +239,7 @@ fn run<D: ReplayDevice>(
     let mid = total_ops / 2;
     let (mut done, mut live_requested, mut peak_requested) = (0u64, 0u64, 0u64);
     let (mut ooms, mut allocs_matched, mut empty_cache_calls, mut peak_op) = (0u64, 0u64, 0u64, 0u64);
+    let device_seconds_before = device.memory_call_seconds().unwrap_or(0.0);
     let start = Instant::now();
     let mut t_mid = start;
     let calls = |a: &Allocator<D>| {
@@ -356,6 +367,7 @@ fn run<D: ReplayDevice>(
         device_frees: stats.num_device_free as u64,
         device_maps: maps,
         device_unmaps: unmaps,
+        device_seconds: device.memory_call_seconds().map(|s| s - device_seconds_before),
         ooms,
         alloc_retries: stats.num_alloc_retries as u64,
         seconds,

@@ -33,6 +33,9 @@ pub struct CudaCounters {
     pub maps: u64,
     /// Mappings removed.
     pub unmaps: u64,
+    /// Nanoseconds spent in the driver's memory calls: segment allocations and frees, maps,
+    /// unmaps and remaps, and the waits for the GPU that come before unmapping.
+    pub memory_call_ns: u64,
 }
 
 /// One NVIDIA GPU, through the CUDA driver.
@@ -51,7 +54,7 @@ pub struct CudaDevice {
     ordinal: usize,
     name: String,
     granularity: u64,
-    counters: Arc<[AtomicU64; 4]>,
+    counters: Arc<[AtomicU64; 5]>,
 }
 
 fn check(call: &'static str, r: CUresult) -> Result<(), DeviceError> {
@@ -137,6 +140,7 @@ impl CudaDevice {
             frees: c[1].load(Ordering::Relaxed),
             maps: c[2].load(Ordering::Relaxed),
             unmaps: c[3].load(Ordering::Relaxed),
+            memory_call_ns: c[4].load(Ordering::Relaxed),
         }
     }
 
@@ -170,6 +174,14 @@ impl CudaDevice {
         self.counters[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Runs a memory call, adding its time to `memory_call_ns`.
+    fn timed<T>(&self, call: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let r = call();
+        self.counters[4].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
     /// Creates a physical allocation of `size` bytes on this GPU.
     fn create(&self, size: u64) -> Result<sys::CUmemGenericAllocationHandle, DeviceError> {
         let prop = alloc_prop(self.ordinal);
@@ -177,6 +189,18 @@ impl CudaDevice {
         // SAFETY: valid property and out-pointer.
         check("cuMemCreate", unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) })?;
         Ok(handle)
+    }
+
+    /// Creates a physical allocation of `size` bytes and maps it read-write at `ptr`.
+    fn create_and_map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        let handle = self.create(size)?;
+        let result = self.map_handle(ptr, size, handle);
+        // See Note [Releasing physical handles at once].
+        let released = release(handle);
+        result?;
+        released?;
+        self.count(2);
+        Ok(())
     }
 
     /// Maps `handle` read-write at `ptr..ptr + size` (unmapped, inside a reservation).
@@ -218,20 +242,24 @@ impl Device for CudaDevice {
     }
 
     fn malloc(&self, size: u64) -> Result<u64, DeviceError> {
-        self.bind()?;
-        let mut p: sys::CUdeviceptr = 0;
-        // SAFETY: p is a valid out-pointer; the context is current.
-        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, size as usize) })?;
-        self.count(0);
-        Ok(p)
+        self.timed(|| {
+            self.bind()?;
+            let mut p: sys::CUdeviceptr = 0;
+            // SAFETY: p is a valid out-pointer; the context is current.
+            check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, size as usize) })?;
+            self.count(0);
+            Ok(p)
+        })
     }
 
     fn free(&self, ptr: u64) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: ptr came from cuMemAlloc (the engine frees only its own segments).
-        check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr) })?;
-        self.count(1);
-        Ok(())
+        self.timed(|| {
+            self.bind()?;
+            // SAFETY: ptr came from cuMemAlloc (the engine frees only its own segments).
+            check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr) })?;
+            self.count(1);
+            Ok(())
+        })
     }
 
     fn mem_get_info(&self) -> Result<(u64, u64), DeviceError> {
@@ -261,72 +289,71 @@ impl Device for CudaDevice {
     }
 
     fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
-        self.bind()?;
-        let handle = self.create(size)?;
-        let result = self.map_handle(ptr, size, handle);
-        // See Note [Releasing physical handles at once].
-        let released = release(handle);
-        result?;
-        released?;
-        self.count(2);
-        Ok(())
+        self.timed(|| {
+            self.bind()?;
+            self.create_and_map(ptr, size)
+        })
     }
 
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
-        self.bind()?;
-        // The new allocations are first mapped in a scratch range at the same offsets, the
-        // live contents copied there, and only then is the old allocation unmapped and the new
-        // ones mapped in its place. A failure before the unmap leaves everything as it was.
-        let scratch = self.reserve(size)?;
-        let mut made: Vec<(u64, u64, sys::CUmemGenericAllocationHandle)> = Vec::with_capacity(keep.len());
-        let staged = (|| {
-            for &(a, n) in keep {
-                let handle = self.create(n)?;
-                made.push((a, n, handle));
-                self.map_handle(scratch + (a - ptr), n, handle)?;
-                // SAFETY: both ranges are mapped, n bytes long; the caller waited for the GPU.
-                check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(scratch + (a - ptr), a, n as usize) })?;
+        self.timed(|| {
+            self.bind()?;
+            // The new allocations are first mapped in a scratch range at the same offsets, the
+            // live contents copied there, and only then is the old allocation unmapped and the new
+            // ones mapped in its place. A failure before the unmap leaves everything as it was.
+            let scratch = self.reserve(size)?;
+            let mut made: Vec<(u64, u64, sys::CUmemGenericAllocationHandle)> = Vec::with_capacity(keep.len());
+            let staged = (|| {
+                for &(a, n) in keep {
+                    let handle = self.create(n)?;
+                    made.push((a, n, handle));
+                    self.map_handle(scratch + (a - ptr), n, handle)?;
+                    // SAFETY: both ranges are mapped, n bytes long; the caller waited for the GPU.
+                    check("cuMemcpyDtoD", unsafe {
+                        sys::cuMemcpyDtoD_v2(scratch + (a - ptr), a, n as usize)
+                    })?;
+                }
+                // SAFETY: the context is current; the copies must be done before the unmap.
+                check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+            })();
+            // Unmaps the scratch range and drops our handles: a new allocation mapped at its
+            // final address keeps its memory, any other goes back.
+            let unstage = |made: &[(u64, u64, sys::CUmemGenericAllocationHandle)]| {
+                for &(a, n, handle) in made {
+                    // SAFETY: mapped in the scratch range above (if its map failed, this is a
+                    // harmless error).
+                    unsafe { sys::cuMemUnmap(scratch + (a - ptr), n as usize) };
+                    let _ = release(handle);
+                }
+                // everything in the scratch range is unmapped now
+                let _ = self.unreserve(scratch, size);
+            };
+            if let Err(e) = staged {
+                unstage(&made);
+                return Err(e);
             }
-            // SAFETY: the context is current; the copies must be done before the unmap.
-            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
-        })();
-        // Unmaps the scratch range and drops our handles: a new allocation mapped at its
-        // final address keeps its memory, any other goes back.
-        let unstage = |made: &[(u64, u64, sys::CUmemGenericAllocationHandle)]| {
-            for &(a, n, handle) in made {
-                // SAFETY: mapped in the scratch range above (if its map failed, this is a
-                // harmless error).
-                unsafe { sys::cuMemUnmap(scratch + (a - ptr), n as usize) };
-                let _ = release(handle);
+            // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
+            let unmapped = check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) });
+            if let Err(e) = unmapped {
+                unstage(&made);
+                return Err(e);
             }
-            // everything in the scratch range is unmapped now
-            let _ = self.unreserve(scratch, size);
-        };
-        if let Err(e) = staged {
+            let mut result = Ok(());
+            for &(a, n, handle) in &made {
+                if result.is_ok() {
+                    result = self.map_handle(a, n, handle);
+                }
+            }
             unstage(&made);
-            return Err(e);
-        }
-        // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
-        let unmapped = check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) });
-        if let Err(e) = unmapped {
-            unstage(&made);
-            return Err(e);
-        }
-        let mut result = Ok(());
-        for &(a, n, handle) in &made {
-            if result.is_ok() {
-                result = self.map_handle(a, n, handle);
+            self.count(3);
+            for _ in keep {
+                self.count(2);
             }
-        }
-        unstage(&made);
-        self.count(3);
-        for _ in keep {
-            self.count(2);
-        }
-        // A failure here loses the contents of the kept pages: say so plainly.
-        result.map_err(|e| DeviceError::Driver {
-            call: "cuMemMap",
-            message: format!("remapping moved pages failed, their contents are lost: {e}"),
+            // A failure here loses the contents of the kept pages: say so plainly.
+            result.map_err(|e| DeviceError::Driver {
+                call: "cuMemMap",
+                message: format!("remapping moved pages failed, their contents are lost: {e}"),
+            })
         })
     }
 
@@ -337,41 +364,45 @@ impl Device for CudaDevice {
         keep: &[(u64, u64)],
         save: &[(u64, u64, u64)],
     ) -> Result<(), DeviceError> {
-        self.bind()?;
-        let copy = |dst: u64, src: u64, n: u64| {
-            // SAFETY: both ranges are mapped, n bytes long, and nothing else uses them (the
-            // caller waited for the GPU and gives free memory as the staging area).
-            check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(dst, src, n as usize) })
-        };
-        for &(from, to, n) in save {
-            copy(to, from, n)?;
-        }
-        // SAFETY: the context is current; the copies must be done before the unmap.
-        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })?;
-        // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
-        check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
-        self.count(3);
-        // From here a failure loses the saved contents' way home: say so plainly.
-        let lost = |e: DeviceError| DeviceError::Driver {
-            call: "cuMemMap",
-            message: format!("remapping moved pages failed, their contents are lost: {e}"),
-        };
-        for &(a, n) in keep {
-            self.map(a, n).map_err(lost)?;
-        }
-        for &(from, to, n) in save {
-            copy(from, to, n).map_err(lost)?;
-        }
-        // SAFETY: the context is current; the staging area is free memory again after this.
-        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }).map_err(lost)
+        self.timed(|| {
+            self.bind()?;
+            let copy = |dst: u64, src: u64, n: u64| {
+                // SAFETY: both ranges are mapped, n bytes long, and nothing else uses them (the
+                // caller waited for the GPU and gives free memory as the staging area).
+                check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(dst, src, n as usize) })
+            };
+            for &(from, to, n) in save {
+                copy(to, from, n)?;
+            }
+            // SAFETY: the context is current; the copies must be done before the unmap.
+            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })?;
+            // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
+            check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
+            self.count(3);
+            // From here a failure loses the saved contents' way home: say so plainly.
+            let lost = |e: DeviceError| DeviceError::Driver {
+                call: "cuMemMap",
+                message: format!("remapping moved pages failed, their contents are lost: {e}"),
+            };
+            for &(a, n) in keep {
+                self.create_and_map(a, n).map_err(lost)?;
+            }
+            for &(from, to, n) in save {
+                copy(from, to, n).map_err(lost)?;
+            }
+            // SAFETY: the context is current; the staging area is free memory again after this.
+            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }).map_err(lost)
+        })
     }
 
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: the range was mapped by `map`, and the engine waited for the GPU first.
-        check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
-        self.count(3);
-        Ok(())
+        self.timed(|| {
+            self.bind()?;
+            // SAFETY: the range was mapped by `map`, and the engine waited for the GPU first.
+            check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
+            self.count(3);
+            Ok(())
+        })
     }
 
     fn create_event(&self) -> Result<EventId, DeviceError> {
@@ -414,14 +445,18 @@ impl Device for CudaDevice {
     }
 
     fn synchronize_device(&self) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: the context is current.
-        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+        self.timed(|| {
+            self.bind()?;
+            // SAFETY: the context is current.
+            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+        })
     }
 
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: a stream handle the caller holds (0: the legacy default stream).
-        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream.0 as sys::CUstream) })
+        self.timed(|| {
+            self.bind()?;
+            // SAFETY: a stream handle the caller holds (0: the legacy default stream).
+            check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream.0 as sys::CUstream) })
+        })
     }
 }
