@@ -29,6 +29,7 @@ mod error;
 mod events;
 mod expandable;
 mod global;
+mod growth;
 mod history;
 mod packed;
 mod packed_alloc;

@@ -39,6 +39,7 @@ use crate::device::{Device, DeviceError, StreamId};
 use crate::engine::PtrMap;
 use crate::error::AllocError;
 use crate::events::PendingFrees;
+use crate::growth::Growth;
 use crate::history::{Action, History};
 use crate::plan::Detector;
 use crate::plan_region::ActivePlan;
@@ -113,6 +114,9 @@ pub(crate) struct Packed<D: Device> {
     pub unmapped: BTreeSet<u64>,
     /// Live blocks by address.
     pub live: PtrMap<Used>,
+    /// Large requests seen, to recognise buffers grown by copying (Note [Buffers grown by
+    /// copying] in `growth.rs`).
+    pub growth: Growth,
     /// The chunk mapped at each page (index + 1), 0 where unmapped.
     pub page_chunk: Vec<u32>,
     pub chunks: Vec<Option<Chunk>>,
@@ -159,6 +163,7 @@ impl<D: Device> Packed<D> {
             free: BTreeSet::new(),
             unmapped: BTreeSet::new(),
             live: PtrMap::default(),
+            growth: Growth::default(),
             page_chunk: Vec::new(),
             chunks: Vec::new(),
             vacant_chunks: Vec::new(),

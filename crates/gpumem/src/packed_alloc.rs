@@ -55,7 +55,11 @@ impl<D: Device> Packed<D> {
             return Err(AllocError::TooLarge(orig));
         }
         self.process_events()?;
-        let size = size::round_size(orig, &self.config);
+        let mut size = size::round_size(orig, &self.config);
+        if self.growth.on_request(orig) {
+            // Note [Buffers grown by copying]
+            size = size.div_ceil(self.page) * self.page;
+        }
         let search = self.config.periodic_plan && self.plan.is_none();
         let seq = self.detector.on_alloc(size, stream.0, self.device_calls(), search);
         if let Some(addr) = self.place_planned(size, stream)? {
@@ -156,6 +160,7 @@ impl<D: Device> Packed<D> {
 
     /// Records a new live block at `addr`.
     pub(crate) fn install(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64, seq: u64) {
+        self.growth.on_install(orig, addr);
         self.add_users(addr, size, stream);
         self.live.insert(
             addr,
@@ -410,6 +415,7 @@ impl<D: Device> Packed<D> {
         let u = self.live.get_mut(&ptr).filter(|u| u.allocated).ok_or(AllocError::InvalidPointer(ptr))?;
         u.allocated = false;
         let (size, requested, stream) = (u.size, u.requested, u.stream);
+        self.growth.on_free(requested, ptr);
         let uses = std::mem::take(&mut u.stream_uses);
         self.detector.on_free(u.seq);
         let k = POOL;
