@@ -22,8 +22,9 @@
 //! fraction), the live bytes wait in free mapped memory elsewhere instead, and memory does not
 //! rise at all (Note [The copy's memory]).
 //!
-//! It is not free: about 250-390 µs per chunk on an H100 (`gpumem bench --device cuda`),
-//! mostly the release of the old allocation. docs/policy.md has what it costs per trace.
+//! It is not free: about 100-190 µs per chunk on an H100 staged, 180-390 µs copied between two
+//! allocations held at once (`gpumem bench --device cuda`), mostly the release of the old
+//! allocation and the mapping of the new. docs/policy.md has what it costs per trace.
 //!
 //! The new chunks are sized to the runs of pages under live blocks, so the next time that
 //! memory is freed it comes back as smaller chunks: memory is recycled at finer grain exactly
