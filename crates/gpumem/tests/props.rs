@@ -8,11 +8,27 @@ const MIB: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Alloc { size: u64, stream: u8 },
-    Free { pick: usize },
-    RecordStream { pick: usize, stream: u8 },
-    Complete { stream: u8 },
+    Alloc {
+        size: u64,
+        stream: u8,
+    },
+    Free {
+        pick: usize,
+    },
+    RecordStream {
+        pick: usize,
+        stream: u8,
+    },
+    Complete {
+        stream: u8,
+    },
     EmptyCache,
+    /// A live block replaced by one `step` bytes larger, the old one freed right after (a KV
+    /// cache grown by `torch.cat`: Note [Buffers grown by copying]).
+    Grow {
+        pick: usize,
+        step: u64,
+    },
 }
 
 fn size() -> impl Strategy<Value = u64> {
@@ -32,6 +48,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (any::<usize>(), 0u8..3).prop_map(|(pick, stream)| Step::RecordStream { pick, stream }),
         1 => (0u8..3).prop_map(|stream| Step::Complete { stream }),
         1 => Just(Step::EmptyCache),
+        2 => (any::<usize>(), prop::sample::select(vec![16u64 << 10, 48 << 10]))
+            .prop_map(|(pick, step)| Step::Grow { pick, step }),
     ]
 }
 
@@ -111,6 +129,22 @@ fn run(config: &str, steps: &[Step]) {
                 a.process_events().unwrap();
             }
             Step::EmptyCache => a.empty_cache().unwrap(),
+            Step::Grow { pick, step } => {
+                if !live.is_empty() {
+                    let i = pick % live.len();
+                    let (old, size, _) = live[i];
+                    match a.malloc(size + step, StreamId(0)) {
+                        Ok(p) => {
+                            sim.write_tag(p, tag as u64).unwrap();
+                            sim.write_tag(p + size + step - 1, tag as u64).unwrap();
+                            a.free(old).unwrap();
+                            live[i] = (p, size + step, tag as u64);
+                        }
+                        Err(AllocError::OutOfMemory(_)) => {}
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+            }
         }
         check(&a, &sim, &live);
     }
