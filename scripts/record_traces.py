@@ -260,12 +260,57 @@ def workload(name):
             m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, pad_token_id=0)
         return step, 8
+    if name == "llm_generate_long":
+        # Long generation with Hugging Face generate(): a 24-layer GPT-2 (d 1024) in fp16,
+        # 8 prompts of 256 tokens, 512 new tokens each, greedy
+        from transformers import GPT2Config, GPT2LMHeadModel
+        m = GPT2LMHeadModel(GPT2Config(n_layer=24, n_embd=1024, n_head=16)).to(dev).half().eval()
+
+        @torch.no_grad()
+        def step(i):
+            ids = torch.randint(0, 50257, (8, 256), device=dev)
+            m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=512, min_new_tokens=512,
+                       do_sample=False, pad_token_id=0)
+        return step, 2
+    if name == "diffusion_sampling":
+        # Sampling from a small diffusion model: a conv denoiser with time embedding, 50
+        # denoising steps on 16 images of 128x128, fp16, no grad; three batches
+        def block(i, o):
+            return torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.GroupNorm(8, o), torch.nn.SiLU(),
+                                       torch.nn.Conv2d(o, o, 3, padding=1), torch.nn.GroupNorm(8, o), torch.nn.SiLU())
+
+        class Denoiser(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.t = torch.nn.Sequential(torch.nn.Linear(1, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256))
+                self.d1, self.d2, self.d3 = block(3, 64), block(64, 128), block(128, 256)
+                self.tp = torch.nn.Linear(256, 256)
+                self.u2, self.u1 = block(256 + 128, 128), block(128 + 64, 64)
+                self.out = torch.nn.Conv2d(64, 3, 1)
+
+            def forward(self, x, t):
+                p = torch.nn.functional.avg_pool2d
+                up = lambda z: torch.nn.functional.interpolate(z, scale_factor=2)
+                a = self.d1(x); b = self.d2(p(a, 2)); c = self.d3(p(b, 2))
+                c = c + self.tp(self.t(t))[:, :, None, None]
+                b = self.u2(torch.cat([up(c), b], 1))
+                return self.out(self.u1(torch.cat([up(b), a], 1)))
+
+        m = Denoiser().to(dev).half().eval()
+
+        @torch.no_grad()
+        def step(i):
+            x = torch.randn(16, 3, 128, 128, device=dev, dtype=torch.half)
+            for k in range(50, 0, -1):
+                t = torch.full((16, 1), k / 50, device=dev, dtype=torch.half)
+                x = x - 0.02 * m(x, t)
+        return step, 3
     raise SystemExit("unknown workload " + name)
 
 
 NAMES = ["transformer_lm_fp16", "unet_seg_train", "mlp_varbatch_infer", "t5_train", "lstm_varlen_train",
          "multiscale_cnn_train", "llm_decode_kvcache", "gan_train", "resnet_gradaccum_varbatch", "moe_train",
-         "llm_serve_varlen"]
+         "llm_serve_varlen", "llm_generate_long", "diffusion_sampling"]
 
 if __name__ == "__main__":
     if sys.argv[1] == "one":

@@ -34,14 +34,15 @@ pub const RECORDED: [&str; 8] = [
 /// autoregressive decoding with a growing KV cache, a GAN, gradient accumulation over
 /// micro-batches of random sizes; then, later still, a re-creation of the GAN (the code that
 /// recorded the first was not kept), a mixture-of-experts transformer whose experts see a
-/// different number of tokens at every step, and serving with Hugging Face `generate()` at
-/// random batch and prompt sizes.
+/// different number of tokens at every step, serving with Hugging Face `generate()` at
+/// random batch and prompt sizes, and sampling from a small diffusion model.
 #[allow(dead_code)]
-pub const LATER: [&str; 6] = [
+pub const LATER: [&str; 7] = [
     "llm_decode_kvcache.jsonl.gz",
     "gan_train.jsonl.gz",
     "resnet_gradaccum_varbatch.jsonl.gz",
     "gan_train_v2.jsonl.gz",
     "moe_train.jsonl.gz",
     "llm_serve_varlen.jsonl.gz",
+    "diffusion_sampling.jsonl.gz",
 ];
