@@ -349,10 +349,7 @@ impl<D: Device> Packed<D> {
             let c = self.add_chunk(Chunk { start, size, users, live_bytes, other_streams, idle_since: 0 });
             if users == 0 {
                 // a run kept only for the request about to land there: idle until it does
-                self.tick += 1;
-                self.chunks[c as usize].as_mut().unwrap().idle_since = self.tick;
-                self.idle.push_back((self.tick, c));
-                self.idle_bytes += size;
+                self.mark_idle(c);
             }
             // the runs stay mapped (in new memory): for the history, only the gaps change
             self.stats.num_device_alloc += 1;

@@ -326,14 +326,21 @@ impl<D: Device> Packed<D> {
             let ch = self.chunks[c as usize].as_mut().unwrap();
             ch.users -= 1;
             ch.live_bytes -= (addr + size).min(ch.start + ch.size) - addr.max(ch.start);
-            if ch.users == 0 {
-                self.tick += 1;
-                ch.idle_since = self.tick;
-                self.idle.push_back((self.tick, c));
-                self.idle_bytes += ch.size;
-            }
             p = ch.start + ch.size;
+            if ch.users == 0 {
+                self.mark_idle(c);
+            }
         }
+    }
+
+    /// Queues chunk `c`, which no live block touches (any more), as idle: the most recently
+    /// idle last.
+    pub(crate) fn mark_idle(&mut self, c: u32) {
+        self.tick += 1;
+        let ch = self.chunks[c as usize].as_mut().unwrap();
+        ch.idle_since = self.tick;
+        self.idle_bytes += ch.size;
+        self.idle.push_back((self.tick, c));
     }
 
     /// Maps a new chunk at `start..start + size` (page-aligned, unmapped) and returns its
@@ -362,11 +369,7 @@ impl<D: Device> Packed<D> {
             idle_since: 0,
         });
         // a fresh chunk is idle until the block it was mapped for is placed on it
-        self.tick += 1;
-        let ch = self.chunks[c as usize].as_mut().unwrap();
-        ch.idle_since = self.tick;
-        self.idle.push_back((self.tick, c));
-        self.idle_bytes += size;
+        self.mark_idle(c);
         self.compact_idle_queue();
         self.mapped_bytes += size;
         self.high_water = self.high_water.max(self.mapped_bytes);
