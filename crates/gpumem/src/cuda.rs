@@ -226,6 +226,15 @@ impl CudaDevice {
     }
 }
 
+/// The error of a remap that failed after the old allocation was gone: the moved pages'
+/// contents are lost, and the message says so.
+fn contents_lost(e: DeviceError) -> DeviceError {
+    DeviceError::Driver {
+        call: "cuMemMap",
+        message: format!("remapping moved pages failed, their contents are lost: {e}"),
+    }
+}
+
 /// Drops our reference to a physical allocation; its mappings keep the memory.
 fn release(handle: sys::CUmemGenericAllocationHandle) -> Result<(), DeviceError> {
     // SAFETY: the handle is ours.
@@ -350,10 +359,7 @@ impl Device for CudaDevice {
                 self.count(2);
             }
             // A failure here loses the contents of the kept pages: say so plainly.
-            result.map_err(|e| DeviceError::Driver {
-                call: "cuMemMap",
-                message: format!("remapping moved pages failed, their contents are lost: {e}"),
-            })
+            result.map_err(contents_lost)
         })
     }
 
@@ -380,18 +386,14 @@ impl Device for CudaDevice {
             check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
             self.count(3);
             // From here a failure loses the saved contents' way home: say so plainly.
-            let lost = |e: DeviceError| DeviceError::Driver {
-                call: "cuMemMap",
-                message: format!("remapping moved pages failed, their contents are lost: {e}"),
-            };
             for &(a, n) in keep {
-                self.create_and_map(a, n).map_err(lost)?;
+                self.create_and_map(a, n).map_err(contents_lost)?;
             }
             for &(from, to, n) in save {
-                copy(from, to, n).map_err(lost)?;
+                copy(from, to, n).map_err(contents_lost)?;
             }
             // SAFETY: the context is current; the staging area is free memory again after this.
-            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }).map_err(lost)
+            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }).map_err(contents_lost)
         })
     }
 
