@@ -38,11 +38,12 @@ use crate::stats::PoolKind;
 
 /// A chunk that compaction would shrink: the runs of pages under its live blocks (with the
 /// number of live blocks and their bytes on each), and the bytes of those runs: what the
-/// copy allocates anew and the chunk keeps.
+/// copy allocates anew and the chunk keeps; and the live blocks on it, as (address, size).
 pub(crate) struct Candidate {
     pub chunk: u32,
     pub runs: Vec<Run>,
     pub kept: u64,
+    pub live: Vec<(u64, u64)>,
 }
 
 /// How a compaction copies the live pages (Note [The copy's memory]).
@@ -105,8 +106,8 @@ impl<D: Device> Packed<D> {
         let (start, end) = (ch.start, ch.start + ch.size);
         let mut runs: Vec<Run> = Vec::new();
         // the request's place counts as live (its pages stay), but not as a user
-        let mut blocks: Vec<(u64, u64, u32)> =
-            self.live_blocks_in(start, end).into_iter().map(|(a, n)| (a, n, 1)).collect();
+        let live = self.live_blocks_in(start, end);
+        let mut blocks: Vec<(u64, u64, u32)> = live.iter().map(|&(a, n)| (a, n, 1)).collect();
         if keep.0 < end && keep.1 > start {
             let i = blocks.partition_point(|b| b.0 < keep.0);
             blocks.insert(i, (keep.0, keep.1 - keep.0, 0));
@@ -125,7 +126,7 @@ impl<D: Device> Packed<D> {
             }
         }
         let kept: u64 = runs.iter().map(|r| r.end - r.start).sum();
-        (kept < ch.size).then_some(Candidate { chunk: c, runs, kept })
+        (kept < ch.size).then_some(Candidate { chunk: c, runs, kept, live })
     }
 
     /// Checks every chunk's count of live blocks and live bytes against a recount (the
@@ -254,10 +255,10 @@ impl<D: Device> Packed<D> {
     fn staging(&self, cand: &Candidate) -> Option<Vec<(u64, u64, u64)>> {
         let ch = self.chunks[cand.chunk as usize].as_ref()?;
         let (lo, hi) = (ch.start, ch.start + ch.size);
-        // what must be kept: each run's bytes from its first live byte to its last
-        let blocks = self.live_blocks_in(lo, hi);
+        // what must be kept: each run's bytes from its first live byte to its last (the live
+        // blocks are those `candidate` found: compacting other chunks moves none)
         let mut spans: Vec<(u64, u64)> = Vec::with_capacity(cand.runs.len());
-        for (a, n) in blocks {
+        for &(a, n) in &cand.live {
             let (a, end) = (a.max(lo), (a + n).min(hi));
             match spans.last_mut() {
                 // less than a page apart: the pages between are kept too
