@@ -323,13 +323,15 @@ impl<D: Device> Packed<D> {
         let (from, to) = (place.map_from, place.map_to);
         // Note [Chunk shapes]: with compaction, one chunk per mapped range, split at a
         // sixteenth of the peak reserved so far (32-256 MiB): compaction gives back what a
-        // neighbour pins (Note [Compaction]), but only where its copy fits under the peak, so
-        // a chunk must stay small beside the footprint. Measured: with chunks of up to 256 MiB
-        // whatever the footprint, a GAN of 1.5 GB reserved 1.049x its live bytes and decoding
-        // with a growing KV cache (0.8 GB) 1.082x: blocks landed in a 110 MB chunk freed by a
-        // weight converted to fp16, and the 21.5 MB they left free could not be compacted
-        // without copying 97 MB above the peak. With the cap, 1.011x and 1.056x, for 12% more
-        // device calls over all traces (2% in their second halves). Without compaction, the
+        // neighbour pins (Note [Compaction]), but only where the chunk's live bytes can wait
+        // somewhere meanwhile (Note [The copy's memory]), so a chunk must stay small beside the
+        // footprint. Measured: with chunks of up to 256 MiB whatever the footprint, a GAN of
+        // 1.5 GB reserved 1.049x its live bytes and decoding with a growing KV cache (0.8 GB)
+        // 1.082x: blocks landed in a 110 MB chunk freed by a weight converted to fp16, and the
+        // 21.5 MB they left free could not be compacted without copying 97 MB above the peak.
+        // With the cap, 1.011x and 1.056x, for 12% more device calls over all traces (2% in
+        // their second halves). Measured again once copies were staged: without the cap the
+        // GANs 1.0325x and 1.0415x (1.0124x, 1.0104x with it), decoding 1.0289x (1.0021x). Without compaction, the
         // pages the block shares with its neighbours are chunks of one page each, so that a
         // neighbour pins at most a page, and the pages wholly inside the block form the rest
         // (idle exactly when the block is gone); a longer chunk would only pin more. Measured:
