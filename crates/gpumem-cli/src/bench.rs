@@ -124,34 +124,33 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
         put(format!("map_{}MiB", size / MIB), m);
         put(format!("unmap_{}MiB", size / MIB), u);
     }
-    // compaction: a chunk shrunk to the page under one live block (a copy, a new allocation)
+    // compaction: a chunk shrunk to the page under one live block (a new allocation), the
+    // page copied between two allocations held at once, or staged in free mapped memory
+    // (Note [The copy's memory])
+    let stage = va + (7 << 30);
+    d.map(stage, 2 * MIB).map_err(Failure::work)?;
     for (size, n) in [(32 * MIB, 16usize), (256 * MIB, 8)] {
-        for i in 0..n {
-            d.map(va + i as u64 * size, size).map_err(Failure::work)?;
-        }
         let at = |i: usize| va + i as u64 * size + size / 2;
-        let r =
-            time_us(n, |i| d.remap(va + i as u64 * size, size, &[(at(i), 2 * MIB)]).map_err(Failure::work))?;
-        for i in 0..n {
-            d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
+        for (name, staged) in [("remap", false), ("remap_staged", true)] {
+            for i in 0..n {
+                d.map(va + i as u64 * size, size).map_err(Failure::work)?;
+            }
+            let r = time_us(n, |i| {
+                let (base, keep) = (va + i as u64 * size, [(at(i), 2 * MIB)]);
+                let done = if staged {
+                    d.remap_staged(base, size, &keep, &[(at(i), stage, 2 * MIB)])
+                } else {
+                    d.remap(base, size, &keep)
+                };
+                done.map_err(Failure::work)
+            })?;
+            for i in 0..n {
+                d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
+            }
+            put(format!("{name}_{}MiB_keep_2MiB", size / MIB), r);
         }
-        put(format!("remap_{}MiB_keep_2MiB", size / MIB), r);
-        // the same, the live page waiting in free mapped memory instead (Note [The copy's memory])
-        let stage = va + (7 << 30);
-        d.map(stage, 2 * MIB).map_err(Failure::work)?;
-        for i in 0..n {
-            d.map(va + i as u64 * size, size).map_err(Failure::work)?;
-        }
-        let s = time_us(n, |i| {
-            let base = va + i as u64 * size;
-            d.remap_staged(base, size, &[(at(i), 2 * MIB)], &[(at(i), stage, 2 * MIB)]).map_err(Failure::work)
-        })?;
-        for i in 0..n {
-            d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
-        }
-        d.unmap(stage, 2 * MIB).map_err(Failure::work)?;
-        put(format!("remap_staged_{}MiB_keep_2MiB", size / MIB), s);
     }
+    d.unmap(stage, 2 * MIB).map_err(Failure::work)?;
     d.unreserve(va, 8 << 30).map_err(Failure::work)?;
     let e = d.create_event().map_err(Failure::work)?;
     let r = time_us(1000, |_| d.record_event(e, StreamId::DEFAULT).map_err(Failure::work))?;
