@@ -6,7 +6,7 @@
 //! Autoregressive decoding with a KV cache in the style of Hugging Face's `DynamicCache` grows
 //! each layer's keys and values by `torch.cat` at every token: a new block a few KiB larger is
 //! allocated, the old one copied into it and freed right after. Placed at byte granularity,
-//! the new block never fits the hole the old one leaves (13,296 KiB holes, 13,312 KiB
+//! the new block never fits the hole the old one leaves (13,600 KiB holes, 13,616 KiB
 //! requests), so at every token each cache buffer needs fresh pages and its old pages must be
 //! gathered back: recycling and compaction, at 1.014× the live bytes, cost 2,211 device calls
 //! on the decoding trace (869 in its second half) against 486 when reserved memory was allowed
