@@ -97,13 +97,27 @@ impl<D: Device> Packed<D> {
 
     /// Starts following `plan`, with a region at the top of the used address space and the
     /// `holes` it was given. A plan that would need more memory than best fit reserved so
-    /// far, with the `pinned` bytes of the pages of long-lived blocks, is not followed, nor
+    /// far, with the `pinned` bytes of the pages of long-lived blocks and the pages its
+    /// unplanned blocks take, is not followed, nor
     /// one whose blocks never come close to all being freed (Note [Taking over]); neither is
     /// made again.
     pub(crate) fn adopt(&mut self, plan: Plan, holes: &[(u64, u64)], pinned: u64) {
         let page = self.page;
         let size = plan.extent.div_ceil(page) * page;
-        let loose = pinned + size > self.high_water + self.high_water / 256 + 2 * page;
+        // Note [What a plan leaves outside its region]
+        // --------------------------------------------
+        // Following a plan keeps mapped, besides the region, the pages of the long-lived
+        // blocks (`pinned`) and the pages of the period's blocks that outlive it: those are
+        // not planned, and best fit places them outside the region every period. A plan whose
+        // region and those pages together would need more than best fit's peak so far is not
+        // followed. Measured on diffusion sampling: counting only the long-lived pages (40 MiB)
+        // and allowing two pages more, a 314 MiB plan was taken over with 44 MiB still mapped
+        // outside it (two 768 KiB latents per step that live into the next one, and a block on
+        // a page of its own), and the peak rose from 354 to 358 MiB (1.0212x its live bytes);
+        // counted, the plan is refused and best fit holds 1.0098x.
+        let outside: u64 =
+            plan.entries.iter().filter(|e| e.spot.is_none()).map(|e| e.size.div_ceil(page) * page).sum();
+        let loose = pinned + outside + size > self.high_water + self.high_water / 256;
         // Note [Taking over]
         // ------------------
         // The plan is followed from the point of its period where its blocks hold the least:
