@@ -112,9 +112,10 @@ impl<D: Device> Packed<D> {
         // region and those pages together would need more than best fit's peak so far is not
         // followed. Measured on diffusion sampling: counting only the long-lived pages (40 MiB)
         // and allowing two pages more, a 314 MiB plan was taken over with 44 MiB still mapped
-        // outside it (two 768 KiB latents per step that live into the next one, and a block on
-        // a page of its own), and the peak rose from 354 to 358 MiB (1.0212x its live bytes);
-        // counted, the plan is refused and best fit holds 1.0098x.
+        // outside it (each step's 1.5 MiB block that lives into the next step, across two
+        // pages), and the peak rose from 354 to 358 MiB (1.0212x its live bytes); counted
+        // (that block and a 512-byte one, a page each), the plan is refused and best fit holds
+        // 1.0098x.
         let outside: u64 =
             plan.entries.iter().filter(|e| e.spot.is_none()).map(|e| e.size.div_ceil(page) * page).sum();
         let loose = pinned + outside + size > self.high_water + self.high_water / 256;
