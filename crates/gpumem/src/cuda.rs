@@ -174,10 +174,11 @@ impl CudaDevice {
         self.counters[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs a memory call, adding its time to `memory_call_ns`.
-    fn timed<T>(&self, call: impl FnOnce() -> T) -> T {
+    /// Runs a memory call with this GPU's context current, adding its time to
+    /// `memory_call_ns`.
+    fn memory_call<T>(&self, call: impl FnOnce() -> Result<T, DeviceError>) -> Result<T, DeviceError> {
         let t = std::time::Instant::now();
-        let r = call();
+        let r = self.bind().and_then(|()| call());
         self.counters[4].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         r
     }
@@ -251,8 +252,7 @@ impl Device for CudaDevice {
     }
 
     fn malloc(&self, size: u64) -> Result<u64, DeviceError> {
-        self.timed(|| {
-            self.bind()?;
+        self.memory_call(|| {
             let mut p: sys::CUdeviceptr = 0;
             // SAFETY: p is a valid out-pointer; the context is current.
             check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, size as usize) })?;
@@ -262,8 +262,7 @@ impl Device for CudaDevice {
     }
 
     fn free(&self, ptr: u64) -> Result<(), DeviceError> {
-        self.timed(|| {
-            self.bind()?;
+        self.memory_call(|| {
             // SAFETY: ptr came from cuMemAlloc (the engine frees only its own segments).
             check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr) })?;
             self.count(1);
@@ -298,15 +297,11 @@ impl Device for CudaDevice {
     }
 
     fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
-        self.timed(|| {
-            self.bind()?;
-            self.create_and_map(ptr, size)
-        })
+        self.memory_call(|| self.create_and_map(ptr, size))
     }
 
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
-        self.timed(|| {
-            self.bind()?;
+        self.memory_call(|| {
             // The new allocations are first mapped in a scratch range at the same offsets, the
             // live contents copied there, and only then is the old allocation unmapped and the new
             // ones mapped in its place. A failure before the unmap leaves everything as it was.
@@ -370,8 +365,7 @@ impl Device for CudaDevice {
         keep: &[(u64, u64)],
         save: &[(u64, u64, u64)],
     ) -> Result<(), DeviceError> {
-        self.timed(|| {
-            self.bind()?;
+        self.memory_call(|| {
             let copy = |dst: u64, src: u64, n: u64| {
                 // SAFETY: both ranges are mapped, n bytes long, and nothing else uses them (the
                 // caller waited for the GPU and gives free memory as the staging area).
@@ -398,8 +392,7 @@ impl Device for CudaDevice {
     }
 
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
-        self.timed(|| {
-            self.bind()?;
+        self.memory_call(|| {
             // SAFETY: the range was mapped by `map`, and the engine waited for the GPU first.
             check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr, size as usize) })?;
             self.count(3);
@@ -447,16 +440,14 @@ impl Device for CudaDevice {
     }
 
     fn synchronize_device(&self) -> Result<(), DeviceError> {
-        self.timed(|| {
-            self.bind()?;
+        self.memory_call(|| {
             // SAFETY: the context is current.
             check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
         })
     }
 
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
-        self.timed(|| {
-            self.bind()?;
+        self.memory_call(|| {
             // SAFETY: a stream handle the caller holds (0: the legacy default stream).
             check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream.0 as sys::CUstream) })
         })
