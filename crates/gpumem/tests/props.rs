@@ -97,21 +97,37 @@ fn check(a: &Allocator<SimDevice>, sim: &SimDevice, live: &[Live]) {
     assert_eq!(got.reserved_bytes.all().current as u64, sim.used());
 }
 
+/// A new block of `size` bytes with `tag` at its first and last bytes; `None` when the
+/// device is full.
+fn stamped_malloc(
+    a: &Allocator<SimDevice>,
+    sim: &SimDevice,
+    size: u64,
+    stream: StreamId,
+    tag: usize,
+) -> Option<u64> {
+    match a.malloc(size, stream) {
+        Ok(p) => {
+            sim.write_tag(p, tag as u64).unwrap();
+            sim.write_tag(p + size - 1, tag as u64).unwrap();
+            Some(p)
+        }
+        Err(AllocError::OutOfMemory(_)) => None,
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
 fn run(config: &str, steps: &[Step]) {
     let sim = SimDevice::new(1 << 30);
     let a = Allocator::new(sim.clone(), AllocatorConfig::parse(config).unwrap()).unwrap();
     let mut live: Vec<Live> = Vec::new();
     for (tag, s) in steps.iter().enumerate() {
         match *s {
-            Step::Alloc { size, stream } => match a.malloc(size, StreamId(stream as u64)) {
-                Ok(p) => {
-                    sim.write_tag(p, tag as u64).unwrap();
-                    sim.write_tag(p + size - 1, tag as u64).unwrap();
+            Step::Alloc { size, stream } => {
+                if let Some(p) = stamped_malloc(&a, &sim, size, StreamId(stream as u64), tag) {
                     live.push((p, size, tag as u64));
                 }
-                Err(AllocError::OutOfMemory(_)) => {}
-                Err(e) => panic!("unexpected error {e}"),
-            },
+            }
             Step::Free { pick } => {
                 if !live.is_empty() {
                     let (p, _, _) = live.swap_remove(pick % live.len());
@@ -133,15 +149,9 @@ fn run(config: &str, steps: &[Step]) {
                 if !live.is_empty() {
                     let i = pick % live.len();
                     let (old, size, _) = live[i];
-                    match a.malloc(size + step, StreamId(0)) {
-                        Ok(p) => {
-                            sim.write_tag(p, tag as u64).unwrap();
-                            sim.write_tag(p + size + step - 1, tag as u64).unwrap();
-                            a.free(old).unwrap();
-                            live[i] = (p, size + step, tag as u64);
-                        }
-                        Err(AllocError::OutOfMemory(_)) => {}
-                        Err(e) => panic!("unexpected error {e}"),
+                    if let Some(p) = stamped_malloc(&a, &sim, size + step, StreamId(0), tag) {
+                        a.free(old).unwrap();
+                        live[i] = (p, size + step, tag as u64);
                     }
                 }
             }
