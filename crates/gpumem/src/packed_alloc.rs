@@ -331,12 +331,13 @@ impl<D: Device> Packed<D> {
         // 21.5 MB they left free could not be compacted without copying 97 MB above the peak.
         // With the cap, 1.011x and 1.056x, for 12% more device calls over all traces (2% in
         // their second halves). Measured again once copies were staged: without the cap the
-        // GANs 1.0325x and 1.0415x (1.0124x, 1.0104x with it), decoding 1.0289x (1.0021x). Without compaction, the
-        // pages the block shares with its neighbours are chunks of one page each, so that a
-        // neighbour pins at most a page, and the pages wholly inside the block form the rest
-        // (idle exactly when the block is gone); a longer chunk would only pin more. Measured:
-        // with compaction such one-page chunks cost 30% more device calls for no less memory;
-        // without it they save up to 11 points of reserved memory (docs/policy.md).
+        // GANs 1.0325x and 1.0415x (1.0124x, 1.0104x with it), decoding 1.0289x (1.0021x).
+        // Without compaction, the pages the block shares with its neighbours are chunks of one
+        // page each, so that a neighbour pins at most a page, and the pages wholly inside the
+        // block form the rest (idle exactly when the block is gone); a longer chunk would only
+        // pin more. Measured: with compaction such one-page chunks cost 30% more device calls
+        // for no less memory; without it they save up to 11 points of reserved memory
+        // (docs/policy.md).
         let page = self.page;
         let (lo, hi) = if self.config.compaction {
             (from, to)

@@ -98,9 +98,8 @@ impl<D: Device> Packed<D> {
     /// Starts following `plan`, with a region at the top of the used address space and the
     /// `holes` it was given. A plan that would need more memory than best fit reserved so
     /// far, with the `pinned` bytes of the pages of long-lived blocks and the pages its
-    /// unplanned blocks take, is not followed, nor
-    /// one whose blocks never come close to all being freed (Note [Taking over]); neither is
-    /// made again.
+    /// unplanned blocks take, is not followed, nor one whose blocks never come close to all
+    /// being freed (Note [Taking over]); neither is made again.
     pub(crate) fn adopt(&mut self, plan: Plan, holes: &[(u64, u64)], pinned: u64) {
         let page = self.page;
         let size = plan.extent.div_ceil(page) * page;
