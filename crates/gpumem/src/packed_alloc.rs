@@ -5,6 +5,7 @@ use crate::device::{Device, StreamId};
 use crate::error::{fraction_hint, AllocError, OutOfMemory};
 use crate::history::Action;
 use crate::packed::{Chunk, Packed, Piece, Used};
+use crate::plan_region::can_take_over;
 use crate::size::{self, MAX_REQUEST};
 use crate::snapshot::{BlockInfo, BlockState, SegmentInfo};
 use crate::stats::PoolKind;
@@ -100,7 +101,9 @@ impl<D: Device> Packed<D> {
                 return Ok(addr);
             }
             let (holes, pinned) = self.long_lived_holes(first);
-            if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes) {
+            let compaction = self.config.compaction;
+            let can_take_over = |lower, least_live| can_take_over(lower, least_live, compaction);
+            if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes, can_take_over) {
                 self.adopt(plan, &holes, pinned);
             }
         }

@@ -82,14 +82,9 @@ pub(crate) struct Plan {
     pub entries: Vec<Entry>,
     /// Bytes the region needs: the end of the highest planned block.
     pub extent: u64,
-    /// The most bytes the planned blocks hold at once: no plan can need less.
-    pub lower_bound: u64,
     /// The request at which the planned blocks hold the least (a step's boundary): the plan
     /// is followed from there, when the fewest blocks of the old layout are still live.
     pub entry: usize,
-    /// The bytes the planned blocks hold there: what the old layout still holds when the
-    /// plan takes over.
-    pub least_live: u64,
 }
 
 /// One request of a planned period.
@@ -242,7 +237,17 @@ impl Detector {
     /// requests, which were the same, the plan of the older one, whose blocks have all had a
     /// period's time to be freed. The next request is the plan's first. `holes` are free
     /// space, as (address, size), that may take planned blocks at no cost.
-    pub(crate) fn take_plan(&mut self, align: u64, holes: &[(u64, u64)]) -> Option<Plan> {
+    ///
+    /// Before the blocks are packed (the costly part), `can_follow` sees the most bytes they
+    /// hold at once (no plan can need less) and the least, at the request where the plan
+    /// would take over (what the old layout still holds then). A period it refuses is
+    /// rejected, and the search starts over.
+    pub(crate) fn take_plan(
+        &mut self,
+        align: u64,
+        holes: &[(u64, u64)],
+        can_follow: impl FnOnce(u64, u64) -> bool,
+    ) -> Option<Plan> {
         let p = self.confirmed.take()?;
         let start = self.next - 2 * p;
         let recs: Vec<&Rec> =
@@ -268,6 +273,11 @@ impl Detector {
             })
             .collect();
         let (lower_bound, entry, least_live) = live_profile(&blocks, p);
+        if !can_follow(lower_bound, least_live) {
+            self.reject(p);
+            self.restart();
+            return None;
+        }
         let (spots, extent) = pack(&blocks, p, holes, lower_bound);
         let mut entries: Vec<Entry> = recs
             .iter()
@@ -278,7 +288,7 @@ impl Detector {
             entries[b.index].spot = Some(spot);
             entries[b.index].at_entry = (b.from <= e && e < b.to) || (b.from <= e + p && e + p < b.to);
         }
-        Some(Plan { period: p as usize, stream, entries, extent, lower_bound, entry, least_live })
+        Some(Plan { period: p as usize, stream, entries, extent, entry })
     }
 }
 
@@ -386,8 +396,20 @@ fn lowest_fit(placed: &[(u64, u64, usize)], blocks: &[Interval], b: &Interval, p
 mod tests {
     use super::*;
 
-    /// A step of `sizes`, each freed `life` requests later, repeated `steps` times.
-    fn run(d: &mut Detector, sizes: &[u64], life: usize, steps: usize) -> Option<Plan> {
+    /// A step of `sizes`, each freed `life` requests later, repeated `steps` times: the first
+    /// plan made, with the lower bound its period was offered with.
+    fn run(d: &mut Detector, sizes: &[u64], life: usize, steps: usize) -> Option<(Plan, u64)> {
+        run_offering(d, sizes, life, steps, |_, _| true)
+    }
+
+    /// `run`, with `can_follow` deciding which periods are packed.
+    fn run_offering(
+        d: &mut Detector,
+        sizes: &[u64],
+        life: usize,
+        steps: usize,
+        can_follow: impl Fn(u64, u64) -> bool,
+    ) -> Option<(Plan, u64)> {
         let mut live: VecDeque<u64> = VecDeque::new();
         for _ in 0..steps {
             for &s in sizes {
@@ -395,8 +417,13 @@ mod tests {
                 if live.len() > life {
                     d.on_free(live.pop_front().unwrap());
                 }
-                if let Some(plan) = d.take_plan(512, &[]) {
-                    return Some(plan);
+                let mut lower = 0;
+                let offer = |l, least| {
+                    lower = l;
+                    can_follow(l, least)
+                };
+                if let Some(plan) = d.take_plan(512, &[], offer) {
+                    return Some((plan, lower));
                 }
             }
         }
@@ -407,11 +434,11 @@ mod tests {
     fn finds_the_period_and_plans_within_the_bound() {
         let sizes: Vec<u64> = (0..200u64).map(|i| ((i * 7919) % 97 + 1) * 4096).collect();
         let mut d = Detector::new();
-        let plan = run(&mut d, &sizes, 10, 4).expect("a plan after two equal periods");
+        let (plan, lower_bound) = run(&mut d, &sizes, 10, 4).expect("a plan after two equal periods");
         assert_eq!(plan.period, 200);
         assert!(plan.entries.iter().all(|e| e.spot.is_some()));
-        assert!(plan.extent >= plan.lower_bound);
-        assert!(plan.extent <= plan.lower_bound * 3 / 2, "{} vs {}", plan.extent, plan.lower_bound);
+        assert!(plan.extent >= lower_bound);
+        assert!(plan.extent <= lower_bound * 3 / 2, "{} vs {lower_bound}", plan.extent);
         // no two planned blocks that live at once overlap
         let p = plan.period as u64;
         let iv: Vec<(u64, u64, u64, u64)> = plan
@@ -432,6 +459,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_refused_period_is_offered_once_and_never_packed() {
+        let sizes: Vec<u64> = (0..200u64).map(|i| ((i * 7919) % 97 + 1) * 4096).collect();
+        let mut d = Detector::new();
+        let offers = std::cell::Cell::new(0);
+        let refuse = |_, _| {
+            offers.set(offers.get() + 1);
+            false
+        };
+        assert!(run_offering(&mut d, &sizes, 10, 8, refuse).is_none());
+        // the period repeated six more times, and neither it nor a multiple came back
+        assert_eq!(offers.get(), 1);
     }
 
     #[test]
