@@ -269,7 +269,7 @@ impl<D: Device> Packed<D> {
         let need: u64 = spans.iter().map(|s| s.1 - s.0).sum();
         // free mapped space outside the chunk, the largest pieces first, taken only as far as
         // needed (after the device was synchronized, nothing uses free memory of any stream)
-        let mut room = self.free_largest_first().flat_map(|(a, n)| {
+        let mut room = self.free.largest_first().flat_map(|(a, n)| {
             let before = (a < lo).then(|| (a, (a + n).min(lo) - a));
             let after = (a + n > hi).then(|| (a.max(hi), a + n - a.max(hi)));
             before.into_iter().chain(after)
@@ -288,22 +288,6 @@ impl<D: Device> Packed<D> {
         }
         debug_assert_eq!(save.iter().map(|s| s.2).sum::<u64>(), need);
         Some(save)
-    }
-
-    /// The free mapped pieces of every stream as (address, size), largest first.
-    fn free_largest_first(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        // one iterator per stream, each from its largest piece down, merged
-        let mut streams = Vec::new();
-        let mut last = self.free.iter().next_back();
-        while let Some(&(s, _, _)) = last {
-            streams.push(self.free.range((s, 0, 0)..=(s, u64::MAX, u64::MAX)).rev().peekable());
-            last = self.free.range(..(s, 0, 0)).next_back();
-        }
-        std::iter::from_fn(move || {
-            let (_, i) =
-                streams.iter_mut().enumerate().filter_map(|(i, it)| Some((it.peek()?.1, i))).max()?;
-            streams[i].next().map(|&(_, n, a)| (a, n))
-        })
     }
 
     /// Gives back every wholly free page of every chunk that holds a live block.

@@ -28,6 +28,7 @@ mod engine;
 mod error;
 mod events;
 mod expandable;
+mod free_index;
 mod global;
 mod growth;
 mod history;

@@ -39,6 +39,7 @@ use crate::device::{Device, DeviceError, StreamId};
 use crate::engine::PtrMap;
 use crate::error::AllocError;
 use crate::events::PendingFrees;
+use crate::free_index::FreeIndex;
 use crate::growth::Growth;
 use crate::history::{Action, History};
 use crate::plan::Detector;
@@ -104,19 +105,22 @@ pub(crate) struct Packed<D: Device> {
     pub spans: PtrMap<(u64, Piece)>,
     pub span_end: PtrMap<u64>,
     /// Addresses where free or unmapped pieces started, in order, for the rare walks by
-    /// address. Entries are only ever added on the request path; stale ones are skipped by the
-    /// walks and swept out when they outnumber the pieces (one tree update per operation
-    /// saved).
+    /// address. Entries are only ever added; stale ones are skipped by the walks and swept
+    /// out when they outnumber the pieces.
     pub starts: BTreeSet<u64>,
-    /// Free mapped pieces by (stream, size, address), for best fit.
-    pub free: BTreeSet<(u64, u64, u64)>,
+    /// Where pieces started since the last walk: added to `starts` when a walk needs them,
+    /// if still a piece's start then. Most pieces a request makes are gone by the next walk
+    /// (a hole's front carved again and again), so most of these never cost a tree update.
+    pub new_starts: Vec<u64>,
+    /// Free mapped pieces by stream, size and address, for best fit.
+    pub free: FreeIndex,
     /// Unmapped pieces by address (page-aligned).
     pub unmapped: BTreeSet<u64>,
     /// Live blocks by address.
     pub live: PtrMap<Used>,
     /// Large requests seen, to recognise buffers grown by copying (Note [Buffers grown by
     /// copying] in `growth.rs`).
-    pub growth: Growth,
+    pub growth: Box<Growth>,
     /// The chunk mapped at each page (index + 1), 0 where unmapped.
     pub page_chunk: Vec<u32>,
     pub chunks: Vec<Option<Chunk>>,
@@ -160,10 +164,11 @@ impl<D: Device> Packed<D> {
             spans: PtrMap::default(),
             span_end: PtrMap::default(),
             starts: BTreeSet::new(),
-            free: BTreeSet::new(),
+            new_starts: Vec::new(),
+            free: FreeIndex::default(),
             unmapped: BTreeSet::new(),
             live: PtrMap::default(),
-            growth: Growth::default(),
+            growth: Box::default(),
             page_chunk: Vec::new(),
             chunks: Vec::new(),
             vacant_chunks: Vec::new(),
@@ -183,14 +188,10 @@ impl<D: Device> Packed<D> {
     pub(crate) fn set_piece(&mut self, addr: u64, size: u64, kind: Piece) {
         self.spans.insert(addr, (size, kind));
         self.span_end.insert(addr + size, addr);
-        self.starts.insert(addr);
-        if self.starts.len() > 2 * self.spans.len() + 1024 {
-            let spans = &self.spans;
-            self.starts.retain(|a| spans.contains_key(a));
-        }
+        self.note_start(addr);
         match kind {
             Piece::Free { stream } => {
-                self.free.insert((stream, size, addr));
+                self.free.insert(stream, size, addr);
             }
             Piece::Unmapped => {
                 self.unmapped.insert(addr);
@@ -205,7 +206,7 @@ impl<D: Device> Packed<D> {
         self.span_end.remove(&(addr + size));
         match kind {
             Piece::Free { stream } => {
-                self.free.remove(&(stream, size, addr));
+                self.free.remove(stream, size, addr);
             }
             Piece::Unmapped => {
                 self.unmapped.remove(&addr);
@@ -223,10 +224,10 @@ impl<D: Device> Packed<D> {
         let (start, rest) = (addr + by, size - by);
         self.spans.insert(start, (rest, kind));
         *self.span_end.get_mut(&(addr + size)).expect("its end") = start;
-        self.starts.insert(start);
+        self.note_start(start);
         if let Piece::Free { stream } = kind {
-            self.free.remove(&(stream, size, addr));
-            self.free.insert((stream, rest, start));
+            self.free.remove(stream, size, addr);
+            self.free.insert(stream, rest, start);
         }
     }
 
@@ -237,8 +238,31 @@ impl<D: Device> Packed<D> {
         self.span_end.remove(&(addr + old));
         self.span_end.insert(addr + size, addr);
         if let Piece::Free { stream } = kind {
-            self.free.remove(&(stream, old, addr));
-            self.free.insert((stream, size, addr));
+            self.free.remove(stream, old, addr);
+            self.free.insert(stream, size, addr);
+        }
+    }
+
+    /// Notes that a piece starts at `addr`, for the walks by address.
+    fn note_start(&mut self, addr: u64) {
+        self.new_starts.push(addr);
+        if self.new_starts.len() > 2 * self.spans.len() + 1024 {
+            self.index_starts();
+        }
+    }
+
+    /// Adds the new starts that still start pieces to `starts`, and sweeps out stale entries
+    /// once they outnumber the pieces: walks then search a tree instead of scanning the new
+    /// starts. Called before paths that walk often (growing, following a plan).
+    pub(crate) fn index_starts(&mut self) {
+        for a in self.new_starts.drain(..) {
+            if self.spans.contains_key(&a) {
+                self.starts.insert(a);
+            }
+        }
+        if self.starts.len() > 2 * self.spans.len() + 1024 {
+            let spans = &self.spans;
+            self.starts.retain(|a| spans.contains_key(a));
         }
     }
 
@@ -257,10 +281,11 @@ impl<D: Device> Packed<D> {
     /// The last free or unmapped piece that starts at or before `addr`, as (start, size,
     /// kind) (stale entries of `starts` are skipped).
     pub(crate) fn piece_at_or_before(&self, addr: u64) -> Option<(u64, u64, Piece)> {
-        self.starts
-            .range(..=addr)
-            .rev()
-            .find_map(|&a| self.spans.get(&a).map(|&(size, kind)| (a, size, kind)))
+        let is_piece = |a: &&u64| self.spans.contains_key(*a);
+        let indexed = self.starts.range(..=addr).rev().find(is_piece);
+        let recent = self.new_starts.iter().filter(|&&a| a <= addr).filter(is_piece).max();
+        let a = *indexed.max(recent)?;
+        self.spans.get(&a).map(|&(size, kind)| (a, size, kind))
     }
 
     /// Adds free (or unmapped) space, merging it with like neighbours.

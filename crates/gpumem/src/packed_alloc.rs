@@ -112,7 +112,7 @@ impl<D: Device> Packed<D> {
 
     /// The address of the smallest free mapped piece of `stream` that holds `size` bytes.
     fn best_fit(&self, stream: StreamId, size: u64) -> Option<u64> {
-        self.free.range((stream.0, size, 0)..).next().filter(|k| k.0 == stream.0).map(|k| k.2)
+        self.free.best_fit(stream.0, size)
     }
 
     /// Takes `size` bytes of the free piece at `addr` for a new block, at its start or, for a
@@ -190,6 +190,7 @@ impl<D: Device> Packed<D> {
     /// Finds room that needs new pages, recycles idle chunks if the mapping would raise the
     /// peak, maps, and returns the address of a free piece now large enough.
     fn grow(&mut self, size: u64, stream: StreamId, orig: u64) -> Result<u64, AllocError> {
+        self.index_starts();
         let mut place = self.placement(size, stream);
         if self.frontier_would_overflow(&place) {
             return Err(self.out_of_memory(orig, place.need(), stream));
@@ -561,7 +562,7 @@ impl<D: Device> Packed<D> {
         let allocated = self.stats.allocated_bytes.all().current as u64;
         let active = self.stats.active_bytes.all().current as u64;
         let reserved = self.mapped_bytes;
-        let largest_free_block = self.free.iter().map(|k| k.1).max().unwrap_or(0);
+        let largest_free_block = self.free.largest();
         let non_releasable = reserved.saturating_sub(active + self.idle_bytes);
         let hint = match fraction_hint(self.allowed_memory_maximum, need, free, total) {
             Some(h) => h,
