@@ -5,7 +5,7 @@ use crate::device::{Device, StreamId};
 use crate::engine::Engine;
 use crate::error::AllocError;
 use crate::history::TraceEntry;
-use crate::packed::Packed;
+use crate::packed::{Packed, Waited};
 use crate::snapshot::{recount, SegmentInfo};
 use crate::stats::{DeviceStats, MemoryStats};
 use parking_lot::{Mutex, MutexGuard};
@@ -136,7 +136,13 @@ impl<D: Device> Allocator<D> {
     }
 
     fn lock(&self) -> MutexGuard<'_, Core<D>> {
-        self.engine.lock()
+        let mut core = self.engine.lock();
+        if let Core::Packed(p) = &mut *core {
+            // a new call: the program may have launched work since the last one (Note [One
+            // wait per call] in packed.rs)
+            p.waited = Waited::Nothing;
+        }
+        core
     }
 
     /// Allocates `size` bytes for use on `stream` and returns the device address. A size of

@@ -33,7 +33,7 @@
 use crate::device::{Device, DeviceError, StreamId};
 use crate::error::AllocError;
 use crate::history::Action;
-use crate::packed::{Chunk, Packed};
+use crate::packed::{Chunk, Packed, Waited};
 use crate::stats::PoolKind;
 
 /// A chunk that compaction would shrink: the runs of pages under its live blocks (with the
@@ -176,7 +176,9 @@ impl<D: Device> Packed<D> {
         if order.is_empty() {
             return Ok(false);
         }
+        // always, even after another wait in this call: the chunks hold live blocks
         self.device.synchronize_device()?;
+        self.waited = Waited::Device;
         // Note [The copy's memory]
         // --------------------------
         // A plain remap holds both allocations while it copies the live pages, so compacting a

