@@ -176,9 +176,6 @@ impl<D: Device> Packed<D> {
         if order.is_empty() {
             return Ok(false);
         }
-        // always, even after another wait in this call: the chunks hold live blocks
-        self.device.synchronize_device()?;
-        self.waited = Waited::Device;
         // Note [The copy's memory]
         // --------------------------
         // A plain remap holds both allocations while it copies the live pages, so compacting a
@@ -198,6 +195,11 @@ impl<D: Device> Packed<D> {
         // above the peak: 1.056×; staged, 1.029×, the floor its layout then set:
         // docs/policy.md.)
         let cands: Vec<Candidate> = order.into_iter().filter_map(|c| self.candidate(c, keep)).collect();
+        // The GPU must be done with a chunk's live blocks before it is remapped: one wait,
+        // before the first remap, and always, even after another wait in this call, as the
+        // chunks hold live blocks. Not before: most calls find no chunk worth compacting
+        // (bert: 100 of 138), and their wait was wasted.
+        let mut waited = false;
         let mut done = vec![false; cands.len()];
         let mut any = false;
         let mut can_stage = true;
@@ -218,6 +220,7 @@ impl<D: Device> Packed<D> {
                     None => continue,
                 };
                 done[i] = true;
+                self.wait_once(&mut waited)?;
                 match self.compact_chunk(cand, how)? {
                     Compacted::Yes => {}
                     Compacted::NoMemory => return Ok(true), // the device is full
@@ -243,12 +246,23 @@ impl<D: Device> Packed<D> {
                 break;
             }
             done[i] = true;
+            self.wait_once(&mut waited)?;
             if self.compact_chunk(&cands[i], Copy::Direct)? != Compacted::Yes {
                 break;
             }
             any = true;
         }
         Ok(any)
+    }
+
+    /// Waits for the whole device unless `waited` says this compaction did already.
+    fn wait_once(&mut self, waited: &mut bool) -> Result<(), AllocError> {
+        if !*waited {
+            self.device.synchronize_device()?;
+            self.waited = Waited::Device;
+            *waited = true;
+        }
+        Ok(())
     }
 
     /// Where the live bytes of `cand`'s chunk can wait while it is remapped (Note [The copy's

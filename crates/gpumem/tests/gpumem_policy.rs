@@ -126,6 +126,25 @@ fn one_wait_covers_every_chunk_a_call_unmaps() {
 }
 
 #[test]
+fn a_compaction_with_no_page_to_give_back_does_not_wait() {
+    let (sim, a) = setup();
+    // one chunk of two pages, with a small live block on each page and no page wholly free
+    let b = a.malloc(4 * MIB, S0).unwrap();
+    a.free(b).unwrap();
+    let x = a.malloc(1024, S0).unwrap();
+    let filler = a.malloc(2 * MIB - 1024, S0).unwrap();
+    let y = a.malloc(1024, S0).unwrap();
+    a.free(filler).unwrap();
+    assert_eq!((x, y), (b, b + 2 * MIB));
+    let before = sim.counters();
+    a.empty_cache().unwrap();
+    assert_eq!(a.memory_reserved(), 4 * MIB, "both pages hold a live block");
+    assert_eq!(sim.counters().synchronizes, before.synchronizes, "nothing to wait for");
+    assert_eq!(sim.counters().unmaps, before.unmaps);
+    consistent(&a, &sim);
+}
+
+#[test]
 fn empty_cache_gives_back_idle_chunks_and_keeps_live_ones() {
     let (sim, a) = setup();
     let big = a.malloc(64 * MIB, S0).unwrap();
