@@ -144,6 +144,8 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
                 };
                 done.map_err(Failure::work)
             })?;
+            // a staged remap's copies back may still run: wait before unmapping their target
+            d.synchronize_device().map_err(Failure::work)?;
             for i in 0..n {
                 d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
             }

@@ -200,6 +200,26 @@ impl<D: Device> Packed<D> {
         // chunks hold live blocks. Not before: most calls find no chunk worth compacting
         // (bert: 100 of 138), and their wait was wasted.
         let mut waited = false;
+        let compacted = self.compact_candidates(&cands, needed, limit, &mut waited);
+        // The last staged remap's copies back may still run (`Device::remap_staged`): they
+        // must be done before anything else uses the staging area or the blocks, and before
+        // this call unmaps anything without waiting again (Note [One wait per call]). Each
+        // remap's own wait, before it unmaps, covers the copies of the remap before it.
+        let finished = if waited { self.device.synchronize_device() } else { Ok(()) };
+        let any = compacted?;
+        finished?;
+        Ok(any)
+    }
+
+    /// `compact`'s loop over the candidates, waiting for the device (once, `waited`) before
+    /// the first remap.
+    fn compact_candidates(
+        &mut self,
+        cands: &[Candidate],
+        needed: u64,
+        limit: u64,
+        waited: &mut bool,
+    ) -> Result<bool, AllocError> {
         let mut done = vec![false; cands.len()];
         let mut any = false;
         let mut can_stage = true;
@@ -220,7 +240,7 @@ impl<D: Device> Packed<D> {
                     None => continue,
                 };
                 done[i] = true;
-                self.wait_once(&mut waited)?;
+                self.wait_once(waited)?;
                 match self.compact_chunk(cand, how)? {
                     Compacted::Yes => {}
                     Compacted::NoMemory => return Ok(true), // the device is full
@@ -246,7 +266,7 @@ impl<D: Device> Packed<D> {
                 break;
             }
             done[i] = true;
-            self.wait_once(&mut waited)?;
+            self.wait_once(waited)?;
             if self.compact_chunk(&cands[i], Copy::Direct)? != Compacted::Yes {
                 break;
             }

@@ -383,11 +383,13 @@ impl Device for CudaDevice {
             for &(a, n) in keep {
                 self.create_and_map(a, n).map_err(contents_lost)?;
             }
+            // The copies back run in order on the legacy default stream: the next remap's
+            // copies out, and its wait before it unmaps, come after them. The caller waits for
+            // the device before anything else uses the staging area (`Device::remap_staged`).
             for &(from, to, n) in save {
                 copy(from, to, n).map_err(contents_lost)?;
             }
-            // SAFETY: the context is current; the staging area is free memory again after this.
-            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }).map_err(contents_lost)
+            Ok(())
         })
     }
 
