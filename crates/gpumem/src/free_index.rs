@@ -4,14 +4,13 @@
 //! so it is kept small: one ordered set per stream (a program uses a few), each keyed by one
 //! 128-bit number, the size above the address. Best fit is then the first key at or above
 //! `size << 64`, and a comparison is one 128-bit compare instead of three 64-bit ones.
-//! Measured on the mixture-of-experts trace (simulated device): see docs/policy.md.
 
 use std::collections::BTreeSet;
 
 /// Free mapped pieces of each stream, ordered by (size, address).
 #[derive(Default)]
 pub(crate) struct FreeIndex {
-    /// (stream, its pieces); streams whose pieces are all gone keep an empty set.
+    /// (stream, its pieces), for the streams that have free pieces.
     streams: Vec<(u64, BTreeSet<u128>)>,
 }
 
@@ -29,7 +28,7 @@ impl FreeIndex {
         self.streams.iter().find(|s| s.0 == stream).map(|s| &s.1)
     }
 
-    fn set_mut(&mut self, stream: u64) -> &mut BTreeSet<u128> {
+    fn set_or_new(&mut self, stream: u64) -> &mut BTreeSet<u128> {
         let i = match self.streams.iter().position(|s| s.0 == stream) {
             Some(i) => i,
             None => {
@@ -41,11 +40,19 @@ impl FreeIndex {
     }
 
     pub(crate) fn insert(&mut self, stream: u64, size: u64, addr: u64) {
-        self.set_mut(stream).insert(key(size, addr));
+        self.set_or_new(stream).insert(key(size, addr));
     }
 
     pub(crate) fn remove(&mut self, stream: u64, size: u64, addr: u64) {
-        self.set_mut(stream).remove(&key(size, addr));
+        let Some(i) = self.streams.iter().position(|s| s.0 == stream) else {
+            return;
+        };
+        let set = &mut self.streams[i].1;
+        set.remove(&key(size, addr));
+        if set.is_empty() {
+            // a program that makes streams as it goes must not leave a trail of them here
+            self.streams.swap_remove(i);
+        }
     }
 
     /// The address of the smallest piece of `stream` that holds `size` bytes (the lowest
@@ -63,7 +70,7 @@ impl FreeIndex {
     /// first, then the higher address.
     pub(crate) fn largest_first(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         // one iterator per stream, each from its largest piece down, merged
-        let mut sets: Vec<&(u64, BTreeSet<u128>)> = self.streams.iter().filter(|s| !s.1.is_empty()).collect();
+        let mut sets: Vec<&(u64, BTreeSet<u128>)> = self.streams.iter().collect();
         sets.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
         let mut its: Vec<_> = sets.into_iter().map(|s| s.1.iter().rev().peekable()).collect();
         std::iter::from_fn(move || {
@@ -107,6 +114,7 @@ mod tests {
         f.insert(2, 50, 0x400);
         f.insert(5, 10, 0x500);
         f.remove(5, 10, 0x500);
+        assert_eq!(f.streams.len(), 2, "a stream without free pieces is forgotten");
         let all: Vec<(u64, u64)> = f.largest_first().collect();
         assert_eq!(all, vec![(0x300, 300), (0x200, 300), (0x100, 100), (0x400, 50)]);
     }
