@@ -19,8 +19,8 @@
 use crate::device::{Device, DeviceError, EventId, StreamId};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::CudaContext;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Device calls made so far on a [`CudaDevice`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,43 +55,6 @@ pub struct CudaDevice {
     name: String,
     granularity: u64,
     counters: Arc<[AtomicU64; 5]>,
-    /// The stream of the staged remaps' copies, made at the first (`None` if it could not
-    /// be made: the copies then go to the legacy default stream).
-    copies: Arc<OnceLock<Option<CopyStream>>>,
-}
-
-/// Note [Batched copies]
-/// ---------------------
-/// A staged remap copies each run's live bytes out to the staging area and back, one copy per
-/// range. On bert that was 879 copies for 99 remaps, at 8 µs each: 7.4 ms, a fifth as much as
-/// all its unmapping. Where the driver has `cuMemcpyBatchAsync` (CUDA 12.8 and later; the `_v2`
-/// form since 13.0), each direction is one call. It does not take the legacy default stream,
-/// so the copies go to a stream of their own, every one of them, batched or not: copies on
-/// one stream run in order, which is what lets a remap's copies out follow the last remap's
-/// copies back without a wait (Note [One wait per call] in `packed.rs`). The waits before an
-/// unmap are for the whole device (`cuCtxSynchronize`), and cover this stream too. A driver
-/// without the call, or a batch the driver refuses, falls back to one copy per range.
-struct CopyStream {
-    ctx: Arc<CudaContext>,
-    stream: sys::CUstream,
-    /// Whether `cuMemcpyBatchAsync_v2` exists and has not been refused.
-    batch: AtomicBool,
-}
-
-// SAFETY: a stream handle may be used from any thread that has its context current, which
-// every use here makes sure of (`memory_call` binds it).
-unsafe impl Send for CopyStream {}
-// SAFETY: as above; the handle itself is never written after creation.
-unsafe impl Sync for CopyStream {}
-
-impl Drop for CopyStream {
-    fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: our own stream; the device waits for it before any unmap and at the end
-            // of every compaction, so nothing is queued on it any more.
-            unsafe { sys::cuStreamDestroy_v2(self.stream) };
-        }
-    }
 }
 
 fn check(call: &'static str, r: CUresult) -> Result<(), DeviceError> {
@@ -161,14 +124,7 @@ impl CudaDevice {
         };
         let granularity =
             if r == CUresult::CUDA_SUCCESS && granularity > 0 { granularity as u64 } else { 2 << 20 };
-        Ok(CudaDevice {
-            ctx,
-            ordinal,
-            name,
-            granularity,
-            counters: Arc::new(Default::default()),
-            copies: Arc::new(OnceLock::new()),
-        })
+        Ok(CudaDevice { ctx, ordinal, name, granularity, counters: Arc::new(Default::default()) })
     }
 
     /// The cudarc context, to share with cudarc code (streams, kernels, copies).
@@ -225,82 +181,6 @@ impl CudaDevice {
         let r = self.bind().and_then(|()| call());
         self.counters[4].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         r
-    }
-
-    /// Whether staged compaction queues its copies in batches (`cuMemcpyBatchAsync`, drivers of
-    /// CUDA 13 and later; Note \[Batched copies\]). Known once it has compacted: `false` before.
-    pub fn batches_copies(&self) -> bool {
-        self.copies.get().and_then(|c| c.as_ref()).is_some_and(|c| c.batch.load(Ordering::Relaxed))
-    }
-
-    /// The copy stream, made at the first call (the context must be current).
-    fn copy_stream(&self) -> Option<&CopyStream> {
-        self.copies
-            .get_or_init(|| {
-                let mut stream: sys::CUstream = std::ptr::null_mut();
-                let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
-                // SAFETY: a valid out-pointer; the context is current.
-                let made = unsafe { sys::cuStreamCreate(&mut stream, flags) };
-                // SAFETY: a symbol lookup in the loaded driver library (calling a missing
-                // symbol would panic).
-                let batch =
-                    unsafe { sys::culib().get::<unsafe extern "C" fn()>(b"cuMemcpyBatchAsync_v2").is_ok() };
-                (made == CUresult::CUDA_SUCCESS).then(|| CopyStream {
-                    ctx: self.ctx.clone(),
-                    stream,
-                    batch: AtomicBool::new(batch),
-                })
-            })
-            .as_ref()
-    }
-
-    /// Queues each `(dst, src, len)` device-to-device copy, in order (Note [Batched copies]).
-    fn copy_all(&self, copies: &[(u64, u64, u64)]) -> Result<(), DeviceError> {
-        let Some(cs) = self.copy_stream() else {
-            for &(dst, src, n) in copies {
-                // SAFETY: both ranges are mapped and n bytes long (the caller's contract).
-                check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(dst, src, n as usize) })?;
-            }
-            return Ok(());
-        };
-        if copies.len() > 1 && cs.batch.load(Ordering::Relaxed) {
-            let mut dsts: Vec<sys::CUdeviceptr> = copies.iter().map(|c| c.0).collect();
-            let mut srcs: Vec<sys::CUdeviceptr> = copies.iter().map(|c| c.1).collect();
-            let mut sizes: Vec<usize> = copies.iter().map(|c| c.2 as usize).collect();
-            let mut attrs = [sys::CUmemcpyAttributes {
-                srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
-                srcLocHint: location(self.ordinal),
-                dstLocHint: location(self.ordinal),
-                flags: 0,
-            }];
-            let mut attr_of = [0usize];
-            // SAFETY: the arrays hold `copies.len()` entries and one attribute, all ranges are
-            // mapped, and the stream is ours.
-            let r = unsafe {
-                sys::cuMemcpyBatchAsync_v2(
-                    dsts.as_mut_ptr(),
-                    srcs.as_mut_ptr(),
-                    sizes.as_mut_ptr(),
-                    copies.len(),
-                    attrs.as_mut_ptr(),
-                    attr_of.as_mut_ptr(),
-                    1,
-                    cs.stream,
-                )
-            };
-            if r == CUresult::CUDA_SUCCESS {
-                return Ok(());
-            }
-            // refused: one copy each from now on (a copy made twice copies the same bytes)
-            cs.batch.store(false, Ordering::Relaxed);
-        }
-        for &(dst, src, n) in copies {
-            // SAFETY: as above.
-            check("cuMemcpyDtoDAsync", unsafe {
-                sys::cuMemcpyDtoDAsync_v2(dst, src, n as usize, cs.stream)
-            })?;
-        }
-        Ok(())
     }
 
     /// Creates a physical allocation of `size` bytes on this GPU.
@@ -486,10 +366,14 @@ impl Device for CudaDevice {
         save: &[(u64, u64, u64)],
     ) -> Result<(), DeviceError> {
         self.memory_call(|| {
-            // Both ranges of each copy are mapped, and nothing else uses them: the caller
-            // waited for the GPU and gives free memory as the staging area.
-            let out: Vec<(u64, u64, u64)> = save.iter().map(|&(from, to, n)| (to, from, n)).collect();
-            self.copy_all(&out)?;
+            let copy = |dst: u64, src: u64, n: u64| {
+                // SAFETY: both ranges are mapped, n bytes long, and nothing else uses them (the
+                // caller waited for the GPU and gives free memory as the staging area).
+                check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(dst, src, n as usize) })
+            };
+            for &(from, to, n) in save {
+                copy(to, from, n)?;
+            }
             // SAFETY: the context is current; the copies must be done before the unmap.
             check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })?;
             // SAFETY: the range was mapped by `map`, and the caller waited for the GPU.
@@ -499,10 +383,13 @@ impl Device for CudaDevice {
             for &(a, n) in keep {
                 self.create_and_map(a, n).map_err(contents_lost)?;
             }
-            // The copies back run in order on the copy stream: the next remap's copies out,
-            // and its wait before it unmaps, come after them. The caller waits for the device
-            // before anything else uses the staging area (`Device::remap_staged`).
-            self.copy_all(save).map_err(contents_lost)
+            // The copies back run in order on the legacy default stream: the next remap's
+            // copies out, and its wait before it unmaps, come after them. The caller waits for
+            // the device before anything else uses the staging area (`Device::remap_staged`).
+            for &(from, to, n) in save {
+                copy(from, to, n).map_err(contents_lost)?;
+            }
+            Ok(())
         })
     }
 

@@ -110,8 +110,8 @@ pub trait Device: Send + Sync {
     /// Bytes of `keep` not saved are not kept. Memory never rises above what was held
     /// before, which is what lets compaction run when memory is at its peak (Note [The
     /// copy's memory] in `compact.rs`). The same waiting rules as for `remap` apply before
-    /// it; after it, the copies back may still be running, in order with the next remap's
-    /// copies: the caller waits for the device (`synchronize_device`) before anything but
+    /// it; after it, the copies back may still be running, in order on the device's default
+    /// stream: the caller waits for the device (`synchronize_device`) before anything but
     /// another remap uses the staging area, the kept bytes or any memory it unmaps. A device
     /// that cannot do it says `Unsupported`, and the caller compacts without it.
     fn remap_staged(
