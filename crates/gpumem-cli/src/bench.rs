@@ -152,6 +152,28 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
             put(format!("{name}_{}MiB_keep_2MiB", size / MIB), r);
         }
     }
+    // the same keeping four separate pages, each copied out and back on its own range
+    d.map(stage + 2 * MIB, 6 * MIB).map_err(Failure::work)?;
+    let size = 32 * MIB;
+    let pages = |i: usize| (0..4u64).map(move |k| va + i as u64 * size + k * 8 * MIB);
+    let n = 16usize;
+    for i in 0..n {
+        d.map(va + i as u64 * size, size).map_err(Failure::work)?;
+    }
+    let r = time_us(n, |i| {
+        let keep: Vec<(u64, u64)> = pages(i).map(|p| (p, 2 * MIB)).collect();
+        let save: Vec<(u64, u64, u64)> =
+            pages(i).zip(0..).map(|(p, k)| (p, stage + k * 2 * MIB, 2 * MIB)).collect();
+        d.remap_staged(va + i as u64 * size, size, &keep, &save).map_err(Failure::work)
+    })?;
+    d.synchronize_device().map_err(Failure::work)?;
+    for i in 0..n {
+        for p in pages(i) {
+            d.unmap(p, 2 * MIB).map_err(Failure::work)?;
+        }
+    }
+    put("remap_staged_32MiB_keep_4x2MiB".into(), r);
+    d.unmap(stage + 2 * MIB, 6 * MIB).map_err(Failure::work)?;
     d.unmap(stage, 2 * MIB).map_err(Failure::work)?;
     d.unreserve(va, 8 << 30).map_err(Failure::work)?;
     let e = d.create_event().map_err(Failure::work)?;

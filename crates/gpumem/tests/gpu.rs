@@ -400,6 +400,45 @@ fn gpu_gpumem_staged_compaction_keeps_tensors_intact() {
     assert_eq!(a.memory_reserved(), 0);
 }
 
+/// A staged remap of a chunk keeping three separate pages: each page's bytes go out to the
+/// staging area and back.
+fn gpu_staged_remap_of_several_ranges_keeps_every_one() {
+    let dev = gpu();
+    const MIB: u64 = 1 << 20;
+    let va = dev.reserve(64 * MIB).unwrap();
+    let (chunk, stage) = (va, va + 48 * MIB);
+    dev.map(chunk, 32 * MIB).unwrap();
+    dev.map(stage, 8 * MIB).unwrap();
+    let pages = [chunk, chunk + 10 * MIB, chunk + 30 * MIB];
+    let pattern = |i: usize| -> Vec<u8> {
+        (0..2 << 20).map(|j: u32| (j.wrapping_mul(2654435761) >> 24) as u8 ^ i as u8).collect()
+    };
+    let staged: Vec<u8> = vec![0x5a; 8 << 20];
+    // SAFETY: the ranges were just mapped, and no kernel uses them.
+    unsafe {
+        for (i, &p) in pages.iter().enumerate() {
+            dev.write_bytes(p, &pattern(i)).unwrap();
+        }
+        dev.write_bytes(stage, &staged).unwrap();
+    }
+    let keep: Vec<(u64, u64)> = pages.iter().map(|&p| (p, 2 * MIB)).collect();
+    let save: Vec<(u64, u64, u64)> =
+        pages.iter().enumerate().map(|(i, &p)| (p, stage + 2 * MIB * i as u64, 2 * MIB)).collect();
+    dev.remap_staged(chunk, 32 * MIB, &keep, &save).unwrap();
+    dev.synchronize_device().unwrap(); // the copies back may still run (Device::remap_staged)
+    let mut back = vec![0u8; 2 << 20];
+    for (i, &p) in pages.iter().enumerate() {
+        // SAFETY: the page was mapped again by the remap.
+        unsafe { dev.read_bytes(p, &mut back).unwrap() };
+        assert!(back == pattern(i), "page {i} lost its contents");
+    }
+    for &p in &pages {
+        dev.unmap(p, 2 * MIB).unwrap();
+    }
+    dev.unmap(stage, 8 * MIB).unwrap();
+    dev.unreserve(va, 64 * MIB).unwrap();
+}
+
 /// A training loop on real memory: tensors keep their contents step after step while the
 /// policy settles (here best fit settles by itself, so no plan is made: Note [Periodic
 /// plans]; `gpumem replay --device cuda` of the 24-step GPT-2 trace runs one on real memory),
@@ -459,6 +498,10 @@ fn main() {
         (
             "gpu_gpumem_staged_compaction_keeps_tensors_intact",
             gpu_gpumem_staged_compaction_keeps_tensors_intact,
+        ),
+        (
+            "gpu_staged_remap_of_several_ranges_keeps_every_one",
+            gpu_staged_remap_of_several_ranges_keeps_every_one,
         ),
         ("gpu_gpumem_periodic_plan_keeps_tensors_intact", gpu_gpumem_periodic_plan_keeps_tensors_intact),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
