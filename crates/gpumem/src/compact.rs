@@ -176,25 +176,26 @@ impl<D: Device> Packed<D> {
         if order.is_empty() {
             return Ok(false);
         }
-        self.index_starts(); // `candidate` walks the pieces of every chunk
-                             // Note [The copy's memory]
-                             // --------------------------
-                             // A plain remap holds both allocations while it copies the live pages, so compacting a
-                             // chunk that keeps 4 MiB at the peak would lift the peak by 4 MiB. So the live bytes
-                             // wait in free mapped memory elsewhere instead (`Device::remap_staged`): copied out,
-                             // the old allocation released, the new ones mapped, copied back, and memory never
-                             // rises. Free mapped memory is what compaction exists to give back, so there is nearly
-                             // always room. It is also the cheaper way on an H100 (`gpumem bench --device cuda`:
-                             // 110 against 182 µs for a 32 MiB chunk keeping a page, 189 against 255 µs at 256 MiB),
-                             // as the plain remap maps each new allocation twice, in a scratch range and in place.
-                             // Where there is no room, a copy that fits under the peak is made the plain way; if
-                             // none does, the one chunk that keeps the least is compacted the plain way, once: each
-                             // compaction then makes room for the next. (Letting every copy reach the level the
-                             // request would have mapped let the peak creep up by a copy's worth at every step of a
-                             // long training run: vit, 24 steps, 1.026×. Compacting the plain way only, decoding
-                             // with a growing KV cache crept up 2 MiB at a time, by the one chunk a time compacted
-                             // above the peak: 1.056×; staged, 1.029×, the floor its layout then set:
-                             // docs/policy.md.)
+        // `candidate` walks the pieces of every chunk
+        self.index_starts();
+        // Note [The copy's memory]
+        // --------------------------
+        // A plain remap holds both allocations while it copies the live pages, so compacting a
+        // chunk that keeps 4 MiB at the peak would lift the peak by 4 MiB. So the live bytes
+        // wait in free mapped memory elsewhere instead (`Device::remap_staged`): copied out,
+        // the old allocation released, the new ones mapped, copied back, and memory never
+        // rises. Free mapped memory is what compaction exists to give back, so there is nearly
+        // always room. It is also the cheaper way on an H100 (`gpumem bench --device cuda`:
+        // 110 against 182 µs for a 32 MiB chunk keeping a page, 189 against 255 µs at 256 MiB),
+        // as the plain remap maps each new allocation twice, in a scratch range and in place.
+        // Where there is no room, a copy that fits under the peak is made the plain way; if
+        // none does, the one chunk that keeps the least is compacted the plain way, once: each
+        // compaction then makes room for the next. (Letting every copy reach the level the
+        // request would have mapped let the peak creep up by a copy's worth at every step of a
+        // long training run: vit, 24 steps, 1.026×. Compacting the plain way only, decoding
+        // with a growing KV cache crept up 2 MiB at a time, by the one chunk a time compacted
+        // above the peak: 1.056×; staged, 1.029×, the floor its layout then set:
+        // docs/policy.md.)
         let cands: Vec<Candidate> = order.into_iter().filter_map(|c| self.candidate(c, keep)).collect();
         // The GPU must be done with a chunk's live blocks before it is remapped: one wait,
         // before the first remap, and always, even after another wait in this call, as the
