@@ -58,6 +58,10 @@ pub struct AllocatorConfig {
     /// is planned and followed (`periodic_plan`, default True; Note \[Periodic plans\] in
     /// `plan.rs`).
     pub periodic_plan: bool,
+    /// `gpumem` policy only: reserved memory may exceed the peak of live bytes by this
+    /// fraction before idle memory is recycled or compacted (`recycle_slack`, default 0: only
+    /// the peak reserved so far bounds it). Trades memory for fewer device calls.
+    pub recycle_slack: f64,
     /// The keys that were set, in order.
     pub keys: Vec<String>,
     /// Keys PyTorch accepts that concern things gpumem does not manage (pinned host memory,
@@ -81,6 +85,7 @@ impl Default for AllocatorConfig {
             compact_factor: 0,
             compaction: true,
             periodic_plan: true,
+            recycle_slack: 0.0,
             keys: Vec::new(),
             inert: Vec::new(),
             source: String::new(),
@@ -224,6 +229,13 @@ impl AllocatorConfig {
             "compact_factor" => self.compact_factor = parse_u64(key, &t.next(key)?)?,
             "compaction" => self.compaction = parse_bool(key, &t.next(key)?)?,
             "periodic_plan" => self.periodic_plan = parse_bool(key, &t.next(key)?)?,
+            "recycle_slack" => {
+                let v = parse_f64(key, &t.next(key)?)?;
+                if !(0.0..1.0).contains(&v) {
+                    return err("recycle_slack must be at least 0.0 and below 1.0 (0.01: 1% above the live peak)");
+                }
+                self.recycle_slack = v;
+            }
             "policy" => {
                 let v = t.next(key)?;
                 self.policy = Some(kind_from_name(&v)?);
@@ -280,7 +292,7 @@ impl AllocatorConfig {
                 return err(format!(
                     "unrecognized option '{key}' (known: max_split_size_mb, max_non_split_rounding_mb, \
                      garbage_collection_threshold, roundup_power2_divisions, expandable_segments, \
-                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, periodic_plan, and PyTorch's pinned_* keys)"
+                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, periodic_plan, recycle_slack, and PyTorch's pinned_* keys)"
                 ))
             }
         }
@@ -369,7 +381,7 @@ fn kind_from_name(name: &str) -> Result<PolicyKind, ConfigError> {
 }
 
 /// Options that only the `gpumem` policy has.
-const GPUMEM_ONLY: &[&str] = &["compact_factor", "compaction", "periodic_plan"];
+const GPUMEM_ONLY: &[&str] = &["compact_factor", "compaction", "periodic_plan", "recycle_slack"];
 
 /// Options that only PyTorch's algorithm has.
 const TORCH_ONLY: &[&str] = &[

@@ -321,6 +321,38 @@ fn compaction_options_belong_to_the_gpumem_policy() {
 }
 
 #[test]
+fn recycle_slack_trades_memory_for_device_calls() {
+    // 100 MiB live at the peak; 60 of them freed; then a 64 MiB request fits no hole
+    let run = |conf: &str| {
+        let (sim, a) = setup_cap(conf, 80 << 30);
+        let x = a.malloc(60 * MIB, S0).unwrap();
+        let y = a.malloc(40 * MIB, S0).unwrap();
+        a.free(x).unwrap();
+        let unmaps = sim.counters().unmaps;
+        let z = a.malloc(64 * MIB, S0).unwrap();
+        let recycled = sim.counters().unmaps > unmaps;
+        let peak = a.max_memory_reserved();
+        a.free(z).unwrap();
+        a.free(y).unwrap();
+        consistent(&a, &sim);
+        (recycled, peak)
+    };
+    // by default the peak reserved so far bounds growth: the idle 60 MiB are recycled
+    assert_eq!(run(""), (true, 104 * MIB));
+    // 70% above the live peak allows 170 MiB: nothing is unmapped, and 164 MiB reserved
+    assert_eq!(run("recycle_slack:0.7"), (false, 164 * MIB));
+    assert!(AllocatorConfig::parse("recycle_slack:1.5").is_err());
+    assert!(AllocatorConfig::parse("recycle_slack:-0.1").is_err());
+    let e = Allocator::new(
+        SimDevice::new(1 << 30),
+        AllocatorConfig::parse("policy:torch,recycle_slack:0.01").unwrap(),
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("recycle_slack applies to the gpumem policy only"), "{e}");
+}
+
+#[test]
 fn compaction_turns_an_out_of_memory_into_a_success() {
     // 100 MiB of device: a 64 MiB chunk pinned by 1 MiB leaves no room for 90 MiB more
     for (conf, fits) in [("", true), ("compaction:False", false)] {
