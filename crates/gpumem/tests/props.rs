@@ -201,6 +201,11 @@ proptest! {
     }
 
     #[test]
+    fn gpumem_with_recycle_slack(steps in prop::collection::vec(step(), 1..60)) {
+        run("policy:gpumem,recycle_slack:0.2", &steps);
+    }
+
+    #[test]
     fn gpumem_split_idle_no_compaction(steps in prop::collection::vec(step(), 1..60)) {
         run("policy:gpumem,compact_factor:2,compaction:False", &steps);
     }
