@@ -98,9 +98,8 @@ pub trait Device: Send + Sync {
     /// allocation is released, so the rest of the range becomes unmapped. Both are held while
     /// it runs. Like [`Device::unmap`] it does not wait for the GPU: the caller must make sure
     /// no work uses the range. It returns once its copies are done, leaving no work of its own
-    /// on the GPU (Note \[One wait per call\] in `packed.rs` counts on it). This is how the
-    /// `gpumem` policy gives back the free pages of a chunk that still holds live blocks (Note
-    /// \[Compaction\] in `compact.rs`).
+    /// on the GPU. This is how the `gpumem` policy gives back the free pages of a chunk that
+    /// still holds live blocks (Note \[Compaction\] in `compact.rs`).
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError>;
 
     /// [`Device::remap`] without holding both allocations at once: the bytes `save` names
