@@ -39,10 +39,12 @@ impl FreeIndex {
         &mut self.streams[i].1
     }
 
+    /// Adds the free piece of `stream` at `addr..addr + size`.
     pub(crate) fn insert(&mut self, stream: u64, size: u64, addr: u64) {
         self.set_or_new(stream).insert(key(size, addr));
     }
 
+    /// Removes the free piece of `stream` at `addr..addr + size` (nothing if there is none).
     pub(crate) fn remove(&mut self, stream: u64, size: u64, addr: u64) {
         let Some(i) = self.streams.iter().position(|s| s.0 == stream) else {
             return;
