@@ -527,6 +527,7 @@ impl<D: Device> Packed<D> {
     /// Unmaps idle chunks, least recently used first, until `needed` more bytes fit under
     /// `limit`; chunks overlapping `keep` stay.
     pub(crate) fn recycle(&mut self, needed: u64, limit: u64, keep: (u64, u64)) -> Result<(), AllocError> {
+        self.index_starts(); // each unmap walks the pieces over its chunk
         let mut i = 0;
         while self.mapped_bytes + needed > limit && i < self.idle.len() {
             let e = self.idle[i];

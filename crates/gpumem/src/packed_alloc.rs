@@ -509,6 +509,7 @@ impl<D: Device> Packed<D> {
         // the plan's region is held only while it saves device calls; here memory comes first
         self.dissolve_plan();
         self.synchronize_and_free_events()?;
+        self.index_starts(); // each unmap walks the pieces over its chunk
         for c in self.idle_chunks() {
             self.unmap_chunk(c)?;
         }
