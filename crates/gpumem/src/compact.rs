@@ -176,8 +176,6 @@ impl<D: Device> Packed<D> {
         if order.is_empty() {
             return Ok(false);
         }
-        // `candidate` walks the pieces of every chunk
-        self.index_starts();
         // Note [The copy's memory]
         // --------------------------
         // A plain remap holds both allocations while it copies the live pages, so compacting a

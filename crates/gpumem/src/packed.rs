@@ -45,6 +45,7 @@ use crate::history::{Action, History};
 use crate::plan::Detector;
 use crate::plan_region::ActivePlan;
 use crate::stats::{DeviceStats, PoolKind};
+use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
 
 /// A live (allocated or pending) block.
@@ -104,14 +105,9 @@ pub(crate) struct Packed<D: Device> {
     /// neighbours without a tree search (boundary tags).
     pub spans: PtrMap<(u64, Piece)>,
     pub span_end: PtrMap<u64>,
-    /// Addresses where free or unmapped pieces started, in order, for the rare walks by
-    /// address. Entries are only ever added; stale ones are skipped by the walks and swept
-    /// out when they outnumber the pieces.
-    pub starts: BTreeSet<u64>,
-    /// Where pieces started since the last walk: added to `starts` when a walk needs them,
-    /// if still a piece's start then. Most pieces a request makes are gone by the next walk
-    /// (a hole's front carved again and again), so most of these never cost a tree update.
-    pub new_starts: Vec<u64>,
+    /// Where free or unmapped pieces start, for the rare walks by address. A walk brings it
+    /// up to date, which is why it sits in a cell: walks take `&self`.
+    pub starts: RefCell<Starts>,
     /// Free mapped pieces by stream, size and address, for best fit.
     pub free: FreeIndex,
     /// Unmapped pieces by address (page-aligned).
@@ -144,6 +140,49 @@ pub(crate) struct Packed<D: Device> {
     pub waited: Waited,
 }
 
+/// The addresses where free or unmapped pieces start, in order, for the walks by address
+/// (`piece_at_or_before`).
+///
+/// Most pieces a request makes are gone by the next walk (a hole's front carved again and
+/// again), so a new start is only noted, and goes into the tree at the next walk if it still
+/// starts a piece then: most never cost a tree update. Entries are only ever added; stale
+/// ones are skipped by the walks and swept out when they outnumber the pieces.
+#[derive(Default)]
+pub(crate) struct Starts {
+    tree: BTreeSet<u64>,
+    /// Starts noted since the last walk.
+    new: Vec<u64>,
+}
+
+impl Starts {
+    /// Notes that a piece starts at `addr`; `spans` are the pieces.
+    fn note(&mut self, addr: u64, spans: &PtrMap<(u64, Piece)>) {
+        self.new.push(addr);
+        if self.new.len() > 2 * spans.len() + 1024 {
+            self.index(spans);
+        }
+    }
+
+    /// Adds the noted starts that still start pieces to the tree, and sweeps out stale
+    /// entries once they outnumber the pieces.
+    fn index(&mut self, spans: &PtrMap<(u64, Piece)>) {
+        for a in self.new.drain(..) {
+            if spans.contains_key(&a) {
+                self.tree.insert(a);
+            }
+        }
+        if self.tree.len() > 2 * spans.len() + 1024 {
+            self.tree.retain(|a| spans.contains_key(a));
+        }
+    }
+
+    /// The last start of a piece at or before `addr`.
+    fn at_or_before(&mut self, addr: u64, spans: &PtrMap<(u64, Piece)>) -> Option<u64> {
+        self.index(spans);
+        self.tree.range(..=addr).rev().find(|a| spans.contains_key(a)).copied()
+    }
+}
+
 /// How much of the GPU's work the allocator has waited for since the current call began.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Waited {
@@ -173,8 +212,7 @@ impl<D: Device> Packed<D> {
             frontier: base,
             spans: PtrMap::default(),
             span_end: PtrMap::default(),
-            starts: BTreeSet::new(),
-            new_starts: Vec::new(),
+            starts: RefCell::default(),
             free: FreeIndex::default(),
             unmapped: BTreeSet::new(),
             live: PtrMap::default(),
@@ -256,25 +294,7 @@ impl<D: Device> Packed<D> {
 
     /// Notes that a piece starts at `addr`, for the walks by address.
     fn note_start(&mut self, addr: u64) {
-        self.new_starts.push(addr);
-        if self.new_starts.len() > 2 * self.spans.len() + 1024 {
-            self.index_starts();
-        }
-    }
-
-    /// Adds the new starts that still start pieces to `starts`, and sweeps out stale entries
-    /// once they outnumber the pieces: walks then search a tree instead of scanning the new
-    /// starts. Called before paths that walk often (growing, following a plan).
-    pub(crate) fn index_starts(&mut self) {
-        for a in self.new_starts.drain(..) {
-            if self.spans.contains_key(&a) {
-                self.starts.insert(a);
-            }
-        }
-        if self.starts.len() > 2 * self.spans.len() + 1024 {
-            let spans = &self.spans;
-            self.starts.retain(|a| spans.contains_key(a));
-        }
+        self.starts.get_mut().note(addr, &self.spans);
     }
 
     /// The free or unmapped piece that ends at `addr`, as (start, size, kind).
@@ -292,10 +312,7 @@ impl<D: Device> Packed<D> {
     /// The last free or unmapped piece that starts at or before `addr`, as (start, size,
     /// kind) (stale entries of `starts` are skipped).
     pub(crate) fn piece_at_or_before(&self, addr: u64) -> Option<(u64, u64, Piece)> {
-        let is_piece = |a: &&u64| self.spans.contains_key(*a);
-        let indexed = self.starts.range(..=addr).rev().find(is_piece);
-        let recent = self.new_starts.iter().filter(|&&a| a <= addr).filter(is_piece).max();
-        let a = *indexed.max(recent)?;
+        let a = self.starts.borrow_mut().at_or_before(addr, &self.spans)?;
         self.spans.get(&a).map(|&(size, kind)| (a, size, kind))
     }
 
@@ -527,7 +544,6 @@ impl<D: Device> Packed<D> {
     /// Unmaps idle chunks, least recently used first, until `needed` more bytes fit under
     /// `limit`; chunks overlapping `keep` stay.
     pub(crate) fn recycle(&mut self, needed: u64, limit: u64, keep: (u64, u64)) -> Result<(), AllocError> {
-        self.index_starts(); // each unmap walks the pieces over its chunk
         let mut i = 0;
         while self.mapped_bytes + needed > limit && i < self.idle.len() {
             let e = self.idle[i];

@@ -190,7 +190,6 @@ impl<D: Device> Packed<D> {
     /// Finds room that needs new pages, recycles idle chunks if the mapping would raise the
     /// peak, maps, and returns the address of a free piece now large enough.
     fn grow(&mut self, size: u64, stream: StreamId, orig: u64) -> Result<u64, AllocError> {
-        self.index_starts();
         let mut place = self.placement(size, stream);
         if self.frontier_would_overflow(&place) {
             return Err(self.out_of_memory(orig, place.need(), stream));
@@ -509,7 +508,6 @@ impl<D: Device> Packed<D> {
         // the plan's region is held only while it saves device calls; here memory comes first
         self.dissolve_plan();
         self.synchronize_and_free_events()?;
-        self.index_starts(); // each unmap walks the pieces over its chunk
         for c in self.idle_chunks() {
             self.unmap_chunk(c)?;
         }

@@ -245,7 +245,6 @@ impl<D: Device> Packed<D> {
             Some(Spot::Region(offset)) => ap.base + offset,
             Some(Spot::Hole(addr)) => addr,
         };
-        self.index_starts();
         if !self.plan_room_is_free(addr, size) || !self.map_planned(addr, size, stream)? {
             return Ok(None);
         }
