@@ -101,6 +101,44 @@ fn time_us(n: usize, mut f: impl FnMut(usize) -> Result<(), Failure>) -> Result<
     Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
 }
 
+/// Microseconds per remap of `n` chunks of `size` bytes mapped at `va`, each keeping the 2 MiB
+/// pages at `offsets`: staged through `stage` (a page of it per kept page), or, without one,
+/// copied between two allocations held at once.
+fn time_remaps(
+    d: &CudaDevice,
+    va: u64,
+    size: u64,
+    n: usize,
+    offsets: &[u64],
+    stage: Option<u64>,
+) -> Result<f64, Failure> {
+    const PAGE: u64 = 2 << 20;
+    let base = |i: usize| va + i as u64 * size;
+    for i in 0..n {
+        d.map(base(i), size).map_err(Failure::work)?;
+    }
+    let r = time_us(n, |i| {
+        let keep: Vec<(u64, u64)> = offsets.iter().map(|&o| (base(i) + o, PAGE)).collect();
+        let done = match stage {
+            Some(stage) => {
+                let save: Vec<(u64, u64, u64)> =
+                    keep.iter().zip(0..).map(|(&(p, _), k)| (p, stage + k * PAGE, PAGE)).collect();
+                d.remap_staged(base(i), size, &keep, &save)
+            }
+            None => d.remap(base(i), size, &keep),
+        };
+        done.map_err(Failure::work)
+    })?;
+    // a staged remap's copies back may still run: wait before unmapping their target
+    d.synchronize_device().map_err(Failure::work)?;
+    for i in 0..n {
+        for &o in offsets {
+            d.unmap(base(i) + o, PAGE).map_err(Failure::work)?;
+        }
+    }
+    Ok(r)
+}
+
 fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
     const MIB: u64 = 1 << 20;
     let mut put = |bench: String, value: f64| {
@@ -126,55 +164,18 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
     }
     // compaction: a chunk shrunk to the page under one live block (a new allocation), the
     // page copied between two allocations held at once, or staged in free mapped memory
-    // (Note [The copy's memory])
+    // (Note [The copy's memory]); then staged, keeping four separate pages
     let stage = va + (7 << 30);
-    d.map(stage, 2 * MIB).map_err(Failure::work)?;
+    d.map(stage, 8 * MIB).map_err(Failure::work)?;
     for (size, n) in [(32 * MIB, 16usize), (256 * MIB, 8)] {
-        let at = |i: usize| va + i as u64 * size + size / 2;
         for (name, staged) in [("remap", false), ("remap_staged", true)] {
-            for i in 0..n {
-                d.map(va + i as u64 * size, size).map_err(Failure::work)?;
-            }
-            let r = time_us(n, |i| {
-                let (base, keep) = (va + i as u64 * size, [(at(i), 2 * MIB)]);
-                let done = if staged {
-                    d.remap_staged(base, size, &keep, &[(at(i), stage, 2 * MIB)])
-                } else {
-                    d.remap(base, size, &keep)
-                };
-                done.map_err(Failure::work)
-            })?;
-            // a staged remap's copies back may still run: wait before unmapping their target
-            d.synchronize_device().map_err(Failure::work)?;
-            for i in 0..n {
-                d.unmap(at(i), 2 * MIB).map_err(Failure::work)?;
-            }
+            let r = time_remaps(d, va, size, n, &[size / 2], staged.then_some(stage))?;
             put(format!("{name}_{}MiB_keep_2MiB", size / MIB), r);
         }
     }
-    // the same keeping four separate pages, each copied out and back on its own range
-    d.map(stage + 2 * MIB, 6 * MIB).map_err(Failure::work)?;
-    let size = 32 * MIB;
-    let pages = |i: usize| (0..4u64).map(move |k| va + i as u64 * size + k * 8 * MIB);
-    let n = 16usize;
-    for i in 0..n {
-        d.map(va + i as u64 * size, size).map_err(Failure::work)?;
-    }
-    let r = time_us(n, |i| {
-        let keep: Vec<(u64, u64)> = pages(i).map(|p| (p, 2 * MIB)).collect();
-        let save: Vec<(u64, u64, u64)> =
-            pages(i).zip(0..).map(|(p, k)| (p, stage + k * 2 * MIB, 2 * MIB)).collect();
-        d.remap_staged(va + i as u64 * size, size, &keep, &save).map_err(Failure::work)
-    })?;
-    d.synchronize_device().map_err(Failure::work)?;
-    for i in 0..n {
-        for p in pages(i) {
-            d.unmap(p, 2 * MIB).map_err(Failure::work)?;
-        }
-    }
-    put("remap_staged_32MiB_keep_4x2MiB".into(), r);
-    d.unmap(stage + 2 * MIB, 6 * MIB).map_err(Failure::work)?;
-    d.unmap(stage, 2 * MIB).map_err(Failure::work)?;
+    let four = [0, 8 * MIB, 16 * MIB, 24 * MIB];
+    put("remap_staged_32MiB_keep_4x2MiB".into(), time_remaps(d, va, 32 * MIB, 16, &four, Some(stage))?);
+    d.unmap(stage, 8 * MIB).map_err(Failure::work)?;
     d.unreserve(va, 8 << 30).map_err(Failure::work)?;
     let e = d.create_event().map_err(Failure::work)?;
     let r = time_us(1000, |_| d.record_event(e, StreamId::DEFAULT).map_err(Failure::work))?;

@@ -102,8 +102,8 @@ impl<D: Device> Packed<D> {
             }
             let (holes, pinned) = self.long_lived_holes(first);
             let compaction = self.config.compaction;
-            let can_take_over = |lower, least_live| can_take_over(lower, least_live, compaction);
-            if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes, can_take_over) {
+            let follow = |lower, least_live| can_take_over(lower, least_live, compaction);
+            if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes, follow) {
                 self.adopt(plan, &holes, pinned);
             }
         }
