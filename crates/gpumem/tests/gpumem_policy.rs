@@ -212,10 +212,14 @@ fn out_of_memory_is_typed_and_the_allocator_recovers() {
 
 #[test]
 fn torch_only_options_are_refused() {
-    let sim = SimDevice::new(1 << 30);
-    let c = AllocatorConfig::parse("policy:gpumem,max_split_size_mb:128").unwrap();
-    let e = Allocator::new(sim, c).err().expect("refused");
-    assert!(e.to_string().contains("max_split_size_mb"), "{e}");
+    let e = refusal("policy:gpumem,max_split_size_mb:128");
+    assert!(e.contains("max_split_size_mb"), "{e}");
+}
+
+/// The error of an allocator made with options `conf`, which must be refused.
+fn refusal(conf: &str) -> String {
+    let c = AllocatorConfig::parse(conf).unwrap();
+    Allocator::new(SimDevice::new(1 << 30), c).err().expect("refused").to_string()
 }
 
 #[test]
@@ -311,13 +315,8 @@ fn compaction_options_belong_to_the_gpumem_policy() {
     let c = AllocatorConfig::parse("compaction:False").unwrap();
     assert!(!c.compaction);
     assert!(AllocatorConfig::parse("compaction:maybe").is_err());
-    let e = Allocator::new(
-        SimDevice::new(1 << 30),
-        AllocatorConfig::parse("policy:torch,compaction:True").unwrap(),
-    )
-    .err()
-    .expect("refused");
-    assert!(e.to_string().contains("compaction applies to the gpumem policy only"), "{e}");
+    let e = refusal("policy:torch,compaction:True");
+    assert!(e.contains("compaction applies to the gpumem policy only"), "{e}");
 }
 
 #[test]
@@ -343,13 +342,8 @@ fn recycle_slack_trades_memory_for_device_calls() {
     assert_eq!(run("recycle_slack:0.7"), (false, 164 * MIB));
     assert!(AllocatorConfig::parse("recycle_slack:1.5").is_err());
     assert!(AllocatorConfig::parse("recycle_slack:-0.1").is_err());
-    let e = Allocator::new(
-        SimDevice::new(1 << 30),
-        AllocatorConfig::parse("policy:torch,recycle_slack:0.01").unwrap(),
-    )
-    .err()
-    .expect("refused");
-    assert!(e.to_string().contains("recycle_slack applies to the gpumem policy only"), "{e}");
+    let e = refusal("policy:torch,recycle_slack:0.01");
+    assert!(e.contains("recycle_slack applies to the gpumem policy only"), "{e}");
 }
 
 #[test]
