@@ -176,10 +176,17 @@ impl Starts {
         }
     }
 
-    /// The last start of a piece at or before `addr`.
+    /// The last start of a piece at or before `addr`. Stale entries the walk meets are
+    /// dropped on the way, so that the next walk does not step over them again.
     fn at_or_before(&mut self, addr: u64, spans: &PtrMap<(u64, Piece)>) -> Option<u64> {
         self.index(spans);
-        self.tree.range(..=addr).rev().find(|a| spans.contains_key(a)).copied()
+        loop {
+            let a = *self.tree.range(..=addr).next_back()?;
+            if spans.contains_key(&a) {
+                return Some(a);
+            }
+            self.tree.remove(&a);
+        }
     }
 }
 
@@ -312,6 +319,10 @@ impl<D: Device> Packed<D> {
     /// The last free or unmapped piece that starts at or before `addr`, as (start, size,
     /// kind) (stale entries of `starts` are skipped).
     pub(crate) fn piece_at_or_before(&self, addr: u64) -> Option<(u64, u64, Piece)> {
+        if let Some(&(size, kind)) = self.spans.get(&addr) {
+            // a piece starts right there (a planned block at the front of its hole, most often)
+            return Some((addr, size, kind));
+        }
         let a = self.starts.borrow_mut().at_or_before(addr, &self.spans)?;
         self.spans.get(&a).map(|&(size, kind)| (a, size, kind))
     }
