@@ -1,17 +1,29 @@
 //! The free mapped pieces of the `gpumem` policy, by stream and size, for best fit.
 //!
-//! Every request of the policy searches this index, and every placement and free updates it,
-//! so it is kept small: one ordered set per stream (a program uses a few), each keyed by one
-//! 128-bit number, the size above the address. Best fit is then the first key at or above
-//! `size << 64`, and a comparison is one 128-bit compare instead of three 64-bit ones.
+//! Every request of the policy searches this index, and every placement and free updates it
+//! (a cache hit removes a piece and inserts what is left of it; its free puts the piece back),
+//! so it is kept cheap. Each stream's pieces are spread over size classes, 16 per power of
+//! two, each an ordered set keyed by one 128-bit number, the size above the address; a bitmap
+//! says which classes hold pieces. Best fit looks in the request's own class first (the first
+//! key at or above `size << 64`) and otherwise takes the smallest piece of the next class
+//! that holds any: the classes are ordered by size, so that is the smallest piece that fits
+//! overall, exactly as one set of every piece would give it. A class holds few pieces, so
+//! its set is a node or two deep, where one set of a thousand pieces was three levels of
+//! 128-bit compares: a cache hit's four updates cost about a quarter as much.
 
 use std::collections::BTreeSet;
 
-/// Free mapped pieces of each stream, ordered by (size, address).
-#[derive(Default)]
-pub(crate) struct FreeIndex {
-    /// (stream, its pieces), for the streams that have free pieces.
-    streams: Vec<(u64, BTreeSet<u128>)>,
+/// Size classes: sizes below 16 one each, then 16 per power of two up to 2^63.
+const CLASSES: usize = 16 * 61;
+const WORDS: usize = CLASSES.div_ceil(64);
+
+/// The size class of `size`; a larger size never has a smaller class.
+fn class(size: u64) -> usize {
+    if size < 16 {
+        return size as usize;
+    }
+    let e = 63 - size.leading_zeros() as usize;
+    (e - 3) * 16 + ((size >> (e - 4)) & 15) as usize
 }
 
 fn key(size: u64, addr: u64) -> u128 {
@@ -23,25 +35,96 @@ fn unkey(k: u128) -> (u64, u64) {
     ((k >> 64) as u64, k as u64)
 }
 
-impl FreeIndex {
-    fn set(&self, stream: u64) -> Option<&BTreeSet<u128>> {
-        self.streams.iter().find(|s| s.0 == stream).map(|s| &s.1)
+/// One stream's free pieces, by size class.
+struct Classes {
+    sets: Vec<BTreeSet<u128>>,
+    /// Bit `c` is set while class `c` holds a piece.
+    used: [u64; WORDS],
+    len: usize,
+}
+
+impl Classes {
+    fn new() -> Classes {
+        Classes { sets: (0..CLASSES).map(|_| BTreeSet::new()).collect(), used: [0; WORDS], len: 0 }
     }
 
-    fn set_or_new(&mut self, stream: u64) -> &mut BTreeSet<u128> {
-        let i = match self.streams.iter().position(|s| s.0 == stream) {
-            Some(i) => i,
-            None => {
-                self.streams.push((stream, BTreeSet::new()));
-                self.streams.len() - 1
+    fn insert(&mut self, k: u128) {
+        let c = class(unkey(k).0);
+        if self.sets[c].insert(k) {
+            self.used[c / 64] |= 1 << (c % 64);
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, k: u128) {
+        let c = class(unkey(k).0);
+        if self.sets[c].remove(&k) {
+            self.len -= 1;
+            if self.sets[c].is_empty() {
+                self.used[c / 64] &= !(1 << (c % 64));
             }
-        };
-        &mut self.streams[i].1
+        }
+    }
+
+    /// The first class at or above `c` that holds a piece.
+    fn next_used(&self, c: usize) -> Option<usize> {
+        let (mut w, mut bits) = (c / 64, self.used.get(c / 64)? & (!0u64 << (c % 64)));
+        loop {
+            if bits != 0 {
+                return Some(w * 64 + bits.trailing_zeros() as usize);
+            }
+            w += 1;
+            bits = *self.used.get(w)?;
+        }
+    }
+
+    /// The last class that holds a piece.
+    fn last_used(&self) -> Option<usize> {
+        let w = self.used.iter().rposition(|&b| b != 0)?;
+        Some(w * 64 + 63 - self.used[w].leading_zeros() as usize)
+    }
+
+    fn best_fit(&self, size: u64) -> Option<u128> {
+        let c = self.next_used(class(size))?;
+        if let Some(&k) = self.sets[c].range(key(size, 0)..).next() {
+            return Some(k);
+        }
+        // nothing in the request's own class holds it: the next class's smallest does
+        self.sets[self.next_used(c + 1)?].first().copied()
+    }
+
+    /// Every key, largest first.
+    fn iter_rev(&self) -> impl Iterator<Item = &u128> + '_ {
+        self.sets.iter().rev().flat_map(|s| s.iter().rev())
+    }
+}
+
+/// Free mapped pieces of each stream, ordered by (size, address).
+#[derive(Default)]
+pub(crate) struct FreeIndex {
+    /// (stream, its pieces), for the streams that have free pieces.
+    streams: Vec<(u64, Box<Classes>)>,
+    /// The classes of a stream that ran out of pieces, kept for the next one (they are
+    /// 23 KiB of empty sets; a stream may run out and come back at every request).
+    spare: Option<Box<Classes>>,
+}
+
+impl FreeIndex {
+    fn set(&self, stream: u64) -> Option<&Classes> {
+        self.streams.iter().find(|s| s.0 == stream).map(|s| &*s.1)
     }
 
     /// Adds the free piece of `stream` at `addr..addr + size`.
     pub(crate) fn insert(&mut self, stream: u64, size: u64, addr: u64) {
-        self.set_or_new(stream).insert(key(size, addr));
+        let i = match self.streams.iter().position(|s| s.0 == stream) {
+            Some(i) => i,
+            None => {
+                let classes = self.spare.take().unwrap_or_else(|| Box::new(Classes::new()));
+                self.streams.push((stream, classes));
+                self.streams.len() - 1
+            }
+        };
+        self.streams[i].1.insert(key(size, addr));
     }
 
     /// Removes the free piece of `stream` at `addr..addr + size` (nothing if there is none).
@@ -49,32 +132,33 @@ impl FreeIndex {
         let Some(i) = self.streams.iter().position(|s| s.0 == stream) else {
             return;
         };
-        let set = &mut self.streams[i].1;
-        set.remove(&key(size, addr));
-        if set.is_empty() {
+        let classes = &mut self.streams[i].1;
+        classes.remove(key(size, addr));
+        if classes.len == 0 {
             // a program that makes streams as it goes must not leave a trail of them here
-            self.streams.swap_remove(i);
+            self.spare = Some(self.streams.swap_remove(i).1);
         }
     }
 
     /// The address of the smallest piece of `stream` that holds `size` bytes (the lowest
     /// address among equals).
     pub(crate) fn best_fit(&self, stream: u64, size: u64) -> Option<u64> {
-        self.set(stream)?.range(key(size, 0)..).next().map(|&k| unkey(k).1)
+        self.set(stream)?.best_fit(size).map(|k| unkey(k).1)
     }
 
     /// The size of the largest piece of any stream.
     pub(crate) fn largest(&self) -> u64 {
-        self.streams.iter().filter_map(|s| s.1.last()).map(|&k| unkey(k).0).max().unwrap_or(0)
+        let last = |c: &Classes| c.last_used().and_then(|i| c.sets[i].last().copied());
+        self.streams.iter().filter_map(|s| last(&s.1)).map(|k| unkey(k).0).max().unwrap_or(0)
     }
 
     /// Every piece as (address, size), largest first; among equal sizes, the lower stream
     /// first, then the higher address.
     pub(crate) fn largest_first(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         // one iterator per stream, each from its largest piece down, merged
-        let mut sets: Vec<&(u64, BTreeSet<u128>)> = self.streams.iter().collect();
+        let mut sets: Vec<&(u64, Box<Classes>)> = self.streams.iter().collect();
         sets.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
-        let mut its: Vec<_> = sets.into_iter().map(|s| s.1.iter().rev().peekable()).collect();
+        let mut its: Vec<_> = sets.into_iter().map(|s| s.1.iter_rev().peekable()).collect();
         std::iter::from_fn(move || {
             let (_, i) =
                 its.iter_mut().enumerate().filter_map(|(i, it)| Some((unkey(**it.peek()?).0, i))).max()?;
@@ -105,6 +189,66 @@ mod tests {
         f.remove(0, 4096, 0x500);
         assert_eq!(f.best_fit(0, 2000), Some(0x1000));
         assert_eq!(f.largest(), 4096);
+    }
+
+    #[test]
+    fn a_larger_size_never_has_a_smaller_class() {
+        let mut last = 0;
+        for size in (0..4096).chain((12..64).flat_map(|e| [(1u64 << e) - 1, 1 << e, (1 << e) + 512])) {
+            let c = class(size);
+            assert!(c < CLASSES);
+            if size > 0 {
+                assert!(c >= class(size - 1), "class({size}) < class({})", size - 1);
+            }
+            last = last.max(c);
+        }
+        assert_eq!(class(u64::MAX), CLASSES - 1);
+        assert!(last < CLASSES);
+    }
+
+    proptest::proptest! {
+        /// The size classes are an implementation detail: every answer is the one a single
+        /// ordered set of all the stream's pieces gives.
+        #[test]
+        fn best_fit_is_that_of_one_ordered_set(
+            ops in proptest::collection::vec((0u64..3, 1u64..1 << 36, 0u64..64, proptest::bool::ANY), 1..300),
+            asks in proptest::collection::vec(1u64..1 << 37, 1..40),
+        ) {
+            let mut f = FreeIndex::default();
+            let mut all: Vec<BTreeSet<u128>> = vec![BTreeSet::new(); 3];
+            for (stream, size, slot, add) in ops {
+                let addr = slot << 40;
+                let k = key(size, addr);
+                // at most one piece per address, as in the policy
+                let held = all[stream as usize].iter().find(|&&x| unkey(x).1 == addr).copied();
+                match (add, held) {
+                    (true, None) => {
+                        f.insert(stream, size, addr);
+                        all[stream as usize].insert(k);
+                    }
+                    (false, Some(h)) => {
+                        let (s, a) = unkey(h);
+                        f.remove(stream, s, a);
+                        all[stream as usize].remove(&h);
+                    }
+                    _ => {}
+                }
+            }
+            for size in asks {
+                for stream in 0..3u64 {
+                    let want = all[stream as usize].range(key(size, 0)..).next().map(|&k| unkey(k).1);
+                    proptest::prop_assert_eq!(f.best_fit(stream, size), want);
+                }
+            }
+            let largest = all.iter().filter_map(|s| s.last()).map(|&k| unkey(k).0).max().unwrap_or(0);
+            proptest::prop_assert_eq!(f.largest(), largest);
+            let mut want: Vec<(u64, u64, u64)> = (0..3u64)
+                .flat_map(|st| all[st as usize].iter().map(move |&k| (unkey(k).0, st, unkey(k).1)))
+                .collect();
+            want.sort_by_key(|&(size, st, addr)| (std::cmp::Reverse(size), st, std::cmp::Reverse(addr)));
+            let want: Vec<(u64, u64)> = want.into_iter().map(|(size, _, addr)| (addr, size)).collect();
+            proptest::prop_assert_eq!(f.largest_first().collect::<Vec<_>>(), want);
+        }
     }
 
     #[test]
