@@ -62,6 +62,11 @@ pub struct AllocatorConfig {
     /// fraction before idle memory is recycled or compacted (`recycle_slack`, default 0: only
     /// the peak reserved so far bounds it). Trades memory for fewer device calls.
     pub recycle_slack: f64,
+    /// `gpumem` policy only: reserved memory below which idle memory is never recycled nor
+    /// chunks compacted for growth (`recycle_above_mb`, default 0). For a program that knows
+    /// the memory it may take: below this much the policy maps fresh pages as a caching
+    /// allocator would, and gathers only beyond it. It trades memory for device calls.
+    pub recycle_above: u64,
     /// The keys that were set, in order.
     pub keys: Vec<String>,
     /// Keys PyTorch accepts that concern things gpumem does not manage (pinned host memory,
@@ -86,6 +91,7 @@ impl Default for AllocatorConfig {
             compaction: true,
             periodic_plan: true,
             recycle_slack: 0.0,
+            recycle_above: 0,
             keys: Vec::new(),
             inert: Vec::new(),
             source: String::new(),
@@ -236,6 +242,7 @@ impl AllocatorConfig {
                 }
                 self.recycle_slack = v;
             }
+            "recycle_above_mb" => self.recycle_above = parse_u64(key, &t.next(key)?)?.saturating_mul(MB),
             "policy" => {
                 let v = t.next(key)?;
                 self.policy = Some(kind_from_name(&v)?);
@@ -292,7 +299,7 @@ impl AllocatorConfig {
                 return err(format!(
                     "unrecognized option '{key}' (known: max_split_size_mb, max_non_split_rounding_mb, \
                      garbage_collection_threshold, roundup_power2_divisions, expandable_segments, \
-                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, periodic_plan, recycle_slack, and PyTorch's pinned_* keys)"
+                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, periodic_plan, recycle_slack, recycle_above_mb, and PyTorch's pinned_* keys)"
                 ))
             }
         }
@@ -381,7 +388,8 @@ fn kind_from_name(name: &str) -> Result<PolicyKind, ConfigError> {
 }
 
 /// Options that only the `gpumem` policy has.
-const GPUMEM_ONLY: &[&str] = &["compact_factor", "compaction", "periodic_plan", "recycle_slack"];
+const GPUMEM_ONLY: &[&str] =
+    &["compact_factor", "compaction", "periodic_plan", "recycle_slack", "recycle_above_mb"];
 
 /// Options that only PyTorch's algorithm has.
 const TORCH_ONLY: &[&str] = &[

@@ -347,6 +347,36 @@ fn recycle_slack_trades_memory_for_device_calls() {
 }
 
 #[test]
+fn recycle_above_maps_fresh_pages_below_the_floor() {
+    // the same 60 + 40 MiB, 60 freed, then 64 MiB that fits no hole
+    let run = |conf: &str| {
+        let (sim, a) = setup_cap(conf, 80 << 30);
+        let x = a.malloc(60 * MIB, S0).unwrap();
+        let y = a.malloc(40 * MIB, S0).unwrap();
+        a.free(x).unwrap();
+        let unmaps = sim.counters().unmaps;
+        let z = a.malloc(64 * MIB, S0).unwrap();
+        let recycled = sim.counters().unmaps > unmaps;
+        let peak = a.max_memory_reserved();
+        // beyond the floor the policy gathers again: 150 MiB more fit no hole either
+        let w = a.malloc(150 * MIB, S0).unwrap();
+        let beyond = sim.counters().unmaps > unmaps;
+        for p in [z, y, w] {
+            a.free(p).unwrap();
+        }
+        consistent(&a, &sim);
+        (recycled, peak, beyond)
+    };
+    assert_eq!(run(""), (true, 104 * MIB, true));
+    // under a floor of 200 MiB the idle 60 MiB stay mapped and 64 fresh MiB are mapped
+    assert_eq!(run("recycle_above_mb:200"), (false, 164 * MIB, true));
+    assert!(AllocatorConfig::parse("recycle_above_mb:-1").is_err());
+    assert_eq!(AllocatorConfig::parse("recycle_above_mb:4096").unwrap().recycle_above, 4 << 30);
+    let e = refusal("policy:torch,recycle_above_mb:1024");
+    assert!(e.contains("recycle_above_mb applies to the gpumem policy only"), "{e}");
+}
+
+#[test]
 fn compaction_turns_an_out_of_memory_into_a_success() {
     // 100 MiB of device: a 64 MiB chunk pinned by 1 MiB leaves no room for 90 MiB more
     for (conf, fits) in [("", true), ("compaction:False", false)] {

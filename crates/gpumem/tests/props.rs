@@ -206,6 +206,11 @@ proptest! {
     }
 
     #[test]
+    fn gpumem_with_recycle_above(steps in prop::collection::vec(step(), 1..60)) {
+        run("policy:gpumem,recycle_above_mb:64", &steps);
+    }
+
+    #[test]
     fn gpumem_split_idle_no_compaction(steps in prop::collection::vec(step(), 1..60)) {
         run("policy:gpumem,compact_factor:2,compaction:False", &steps);
     }
