@@ -30,6 +30,26 @@ fn hit_ns<D: Device>(a: &Allocator<D>, size: u64, stream: StreamId) -> Result<f6
     Ok(t.elapsed().as_nanos() as f64 / n as f64)
 }
 
+/// `hit_ns` on a busy cache: 2,000 blocks of 4-100 KiB allocated and every other one freed
+/// first, so that the free lists hold a thousand holes, as a real program's do (on an empty
+/// cache every lookup is trivially short).
+fn busy_hit_ns<D: Device>(a: &Allocator<D>, size: u64) -> Result<f64, Failure> {
+    let mut kept = Vec::new();
+    for i in 0..2000u64 {
+        let p = a.malloc(4096 + (i % 97) * 1024, StreamId::DEFAULT).map_err(Failure::work)?;
+        if i % 2 == 0 {
+            a.free(p).map_err(Failure::work)?;
+        } else {
+            kept.push(p);
+        }
+    }
+    let v = hit_ns(a, size, StreamId::DEFAULT)?;
+    for p in kept {
+        a.free(p).map_err(Failure::work)?;
+    }
+    Ok(v)
+}
+
 /// Million alloc+free pairs per second with `threads` threads, each on its own stream.
 fn throughput<D: Device + 'static>(a: &Arc<Allocator<D>>, streams: &[StreamId]) -> Result<f64, Failure> {
     let n = 100_000;
@@ -75,6 +95,13 @@ fn allocator_benches<D: Device + 'static>(
                 unit: "ns/pair",
             });
         }
+        rows.push(Row {
+            bench: "hit_pair_1MiB_busy".into(),
+            policy: name.to_string(),
+            device,
+            value: busy_hit_ns(&a, 1 << 20)?,
+            unit: "ns/pair",
+        });
         let mut t = 1;
         while t <= streams.len() {
             let v = throughput(&a, &streams[..t])?;
