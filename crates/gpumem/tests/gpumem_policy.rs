@@ -319,21 +319,32 @@ fn compaction_options_belong_to_the_gpumem_policy() {
     assert!(e.contains("compaction applies to the gpumem policy only"), "{e}");
 }
 
+/// Under options `conf`: 100 MiB live at the peak, 60 of them freed, then a 64 MiB request
+/// that fits no hole, then 150 MiB more that fit none either. Returns whether the 64 MiB
+/// request recycled idle memory, the peak reserved after it, and whether anything was
+/// recycled by the end.
+fn gathering_after_a_freed_peak(conf: &str) -> (bool, u64, bool) {
+    let (sim, a) = setup_cap(conf, 80 << 30);
+    let x = a.malloc(60 * MIB, S0).unwrap();
+    let y = a.malloc(40 * MIB, S0).unwrap();
+    a.free(x).unwrap();
+    let unmaps = sim.counters().unmaps;
+    let z = a.malloc(64 * MIB, S0).unwrap();
+    let recycled = sim.counters().unmaps > unmaps;
+    let peak = a.max_memory_reserved();
+    let w = a.malloc(150 * MIB, S0).unwrap();
+    let later = sim.counters().unmaps > unmaps;
+    for p in [z, y, w] {
+        a.free(p).unwrap();
+    }
+    consistent(&a, &sim);
+    (recycled, peak, later)
+}
+
 #[test]
 fn recycle_slack_trades_memory_for_device_calls() {
-    // 100 MiB live at the peak; 60 of them freed; then a 64 MiB request fits no hole
     let run = |conf: &str| {
-        let (sim, a) = setup_cap(conf, 80 << 30);
-        let x = a.malloc(60 * MIB, S0).unwrap();
-        let y = a.malloc(40 * MIB, S0).unwrap();
-        a.free(x).unwrap();
-        let unmaps = sim.counters().unmaps;
-        let z = a.malloc(64 * MIB, S0).unwrap();
-        let recycled = sim.counters().unmaps > unmaps;
-        let peak = a.max_memory_reserved();
-        a.free(z).unwrap();
-        a.free(y).unwrap();
-        consistent(&a, &sim);
+        let (recycled, peak, _) = gathering_after_a_freed_peak(conf);
         (recycled, peak)
     };
     // by default the peak reserved so far bounds growth: the idle 60 MiB are recycled
@@ -348,28 +359,10 @@ fn recycle_slack_trades_memory_for_device_calls() {
 
 #[test]
 fn recycle_above_maps_fresh_pages_below_the_floor() {
-    // the same 60 + 40 MiB, 60 freed, then 64 MiB that fits no hole
-    let run = |conf: &str| {
-        let (sim, a) = setup_cap(conf, 80 << 30);
-        let x = a.malloc(60 * MIB, S0).unwrap();
-        let y = a.malloc(40 * MIB, S0).unwrap();
-        a.free(x).unwrap();
-        let unmaps = sim.counters().unmaps;
-        let z = a.malloc(64 * MIB, S0).unwrap();
-        let recycled = sim.counters().unmaps > unmaps;
-        let peak = a.max_memory_reserved();
-        // beyond the floor the policy gathers again: 150 MiB more fit no hole either
-        let w = a.malloc(150 * MIB, S0).unwrap();
-        let beyond = sim.counters().unmaps > unmaps;
-        for p in [z, y, w] {
-            a.free(p).unwrap();
-        }
-        consistent(&a, &sim);
-        (recycled, peak, beyond)
-    };
-    assert_eq!(run(""), (true, 104 * MIB, true));
-    // under a floor of 200 MiB the idle 60 MiB stay mapped and 64 fresh MiB are mapped
-    assert_eq!(run("recycle_above_mb:200"), (false, 164 * MIB, true));
+    assert_eq!(gathering_after_a_freed_peak(""), (true, 104 * MIB, true));
+    // under a floor of 200 MiB the idle 60 MiB stay mapped and 64 fresh MiB are mapped; beyond
+    // the floor (the 150 MiB) the policy gathers again
+    assert_eq!(gathering_after_a_freed_peak("recycle_above_mb:200"), (false, 164 * MIB, true));
     assert!(AllocatorConfig::parse("recycle_above_mb:-1").is_err());
     assert_eq!(AllocatorConfig::parse("recycle_above_mb:4096").unwrap().recycle_above, 4 << 30);
     let e = refusal("policy:torch,recycle_above_mb:1024");
