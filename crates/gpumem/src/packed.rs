@@ -176,14 +176,15 @@ impl Starts {
         }
     }
 
-    /// The last start of a piece at or before `addr`. Stale entries the walk meets are
-    /// dropped on the way, so that the next walk does not step over them again.
-    fn at_or_before(&mut self, addr: u64, spans: &PtrMap<(u64, Piece)>) -> Option<u64> {
+    /// The last piece that starts at or before `addr`, as (start, size, kind). Stale entries
+    /// the walk meets are dropped on the way, so that the next walk does not step over them
+    /// again.
+    fn at_or_before(&mut self, addr: u64, spans: &PtrMap<(u64, Piece)>) -> Option<(u64, u64, Piece)> {
         self.index(spans);
         loop {
             let a = *self.tree.range(..=addr).next_back()?;
-            if spans.contains_key(&a) {
-                return Some(a);
+            if let Some(&(size, kind)) = spans.get(&a) {
+                return Some((a, size, kind));
             }
             self.tree.remove(&a);
         }
@@ -323,8 +324,7 @@ impl<D: Device> Packed<D> {
             // a piece starts right there (a planned block at the front of its hole, most often)
             return Some((addr, size, kind));
         }
-        let a = self.starts.borrow_mut().at_or_before(addr, &self.spans)?;
-        self.spans.get(&a).map(|&(size, kind)| (a, size, kind))
+        self.starts.borrow_mut().at_or_before(addr, &self.spans)
     }
 
     /// Adds free (or unmapped) space, merging it with like neighbours.
