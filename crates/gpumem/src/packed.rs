@@ -404,9 +404,16 @@ impl<D: Device> Packed<D> {
         let ch = self.chunks[c as usize].as_mut().unwrap();
         ch.idle_since = self.tick;
         self.idle_bytes += ch.size;
-        self.idle.push_back((self.tick, c));
-        // a loop that frees and takes the same chunk again pushes an entry at every free
-        self.compact_idle_queue();
+        match self.idle.back_mut() {
+            // A loop that frees and takes the same chunk again would push an entry at every
+            // free; the last entry, for this chunk, went stale when it was taken again, and
+            // now moves to the new tick in place.
+            Some(last) if last.1 == c => last.0 = self.tick,
+            _ => {
+                self.idle.push_back((self.tick, c));
+                self.compact_idle_queue();
+            }
+        }
     }
 
     /// Maps a new chunk at `start..start + size` (page-aligned, unmapped) and returns its

@@ -96,7 +96,7 @@ impl<D: Device> Packed<D> {
         if let Some(first) = self.detector.confirmed_start().filter(|_| search) {
             // A loop whose last period made no device call has settled under best fit: a
             // plan would only cost its taking over.
-            if self.detector.calls_before_last_period() == Some(self.device_calls()) {
+            if self.detector.last_period_made_no_call(self.device_calls()) {
                 self.detector.restart();
                 return Ok(addr);
             }
