@@ -427,6 +427,17 @@ mod tests {
         run_offering(d, sizes, life, steps, |_, _| true)
     }
 
+    /// `n` sizes drawn from `x` (a linear congruential generator's state): `unit` to
+    /// `classes * unit` bytes.
+    fn random_sizes(x: &mut u64, n: usize, classes: u64, unit: u64) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                *x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (*x >> 40) % classes * unit + unit
+            })
+            .collect()
+    }
+
     /// `run`, with `can_follow` deciding which periods are packed.
     fn run_offering(
         d: &mut Detector,
@@ -513,12 +524,7 @@ mod tests {
         // more requests than the log holds, none of them periodic, then a training loop
         let mut d = Detector::new();
         let mut x = 99u64;
-        let noise: Vec<u64> = (0..LOG_LEN + 5000)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (x >> 40) % 4096 * 512 + 512
-            })
-            .collect();
+        let noise = random_sizes(&mut x, LOG_LEN + 5000, 4096, 512);
         assert!(run(&mut d, &noise, 20, 1).is_none());
         assert_eq!(d.log.len(), LOG_LEN);
         assert!(
@@ -527,12 +533,7 @@ mod tests {
             d.log.capacity()
         );
         assert_eq!(d.first + LOG_LEN as u64, d.next);
-        let sizes: Vec<u64> = (0..300)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((x >> 40) % 89 + 1) * 8192
-            })
-            .collect();
+        let sizes = random_sizes(&mut x, 300, 89, 8192);
         let (plan, _) = run(&mut d, &sizes, 12, 4).expect("a plan after two equal periods");
         assert_eq!(plan.period, 300);
         assert!(plan.entries.iter().all(|e| e.spot.is_some()), "every block dies within the period");
@@ -553,13 +554,7 @@ mod tests {
     #[test]
     fn random_requests_have_no_period() {
         let mut d = Detector::new();
-        let mut x = 12345u64;
-        let sizes: Vec<u64> = (0..5000)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (x >> 40) % 64 * 512 + 512
-            })
-            .collect();
+        let sizes = random_sizes(&mut 12345, 5000, 64, 512);
         assert!(run(&mut d, &sizes, 20, 1).is_none());
     }
 }
