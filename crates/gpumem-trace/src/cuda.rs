@@ -116,7 +116,7 @@ impl ReplayDevice for CudaReplayDevice {
         StreamId(self.side.cu_stream() as u64)
     }
     fn complete_side(&self, _stream: StreamId) {}
-    fn plan_addresses(&self, _segments: &[(u64, u64)]) -> bool {
+    fn preset_addresses(&self, _segments: &[(u64, u64)]) -> bool {
         false
     }
     fn malloc_log(&self) -> Vec<(u64, u64)> {

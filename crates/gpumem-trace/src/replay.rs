@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// What a replay needs from a device beyond [`Device`]: side streams whose completion it
-/// controls, planned segment addresses, and call counts.
+/// controls, preset segment addresses, and call counts.
 pub trait ReplayDevice: Device + Clone {
     /// "sim" or "cuda".
     fn kind(&self) -> &'static str;
@@ -21,7 +21,7 @@ pub trait ReplayDevice: Device + Clone {
     fn complete_side(&self, stream: StreamId);
     /// Asks the device to hand out these (size, address) pairs for its next segments, where
     /// it can. Returns whether it will.
-    fn plan_addresses(&self, segments: &[(u64, u64)]) -> bool;
+    fn preset_addresses(&self, segments: &[(u64, u64)]) -> bool;
     /// Segment allocations so far as (size, address).
     fn malloc_log(&self) -> Vec<(u64, u64)>;
     /// Page map and unmap calls so far.
@@ -48,8 +48,8 @@ impl ReplayDevice for SimDevice {
     fn complete_side(&self, stream: StreamId) {
         self.complete_stream(stream);
     }
-    fn plan_addresses(&self, segments: &[(u64, u64)]) -> bool {
-        SimDevice::plan_addresses(self, segments.iter().copied());
+    fn preset_addresses(&self, segments: &[(u64, u64)]) -> bool {
+        SimDevice::preset_addresses(self, segments.iter().copied());
         true
     }
     fn malloc_log(&self) -> Vec<(u64, u64)> {
@@ -447,7 +447,7 @@ pub fn replay_into<D: ReplayDevice + 'static>(
         }
     }
     // Addresses can be checked only where the device can hand out the trace's own.
-    let verify = opts.verify && policy.kind == PolicyKind::Torch && device.plan_addresses(&plan.segments);
+    let verify = opts.verify && policy.kind == PolicyKind::Torch && device.preset_addresses(&plan.segments);
     let (_, capacity) = device.mem_get_info().map_err(AllocError::from)?;
     let alloc = Allocator::with_policy(device.clone(), policy)?;
     if opts.record_history {

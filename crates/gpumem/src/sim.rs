@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// The total memory of an H100 80GB as `cuMemGetInfo` reports it: the default capacity.
 pub const H100_CAPACITY: u64 = 81079 << 20;
 
-/// Where fresh segment addresses start. Addresses planned from a trace (around `0x7f..`) lie
+/// Where fresh segment addresses start. Addresses preset from a trace (around `0x7f..`) lie
 /// far above, so the two never meet.
 const FRESH_BASE: u64 = 0x1000_0000_0000;
 /// Where virtual address reservations start.
@@ -66,7 +66,7 @@ struct State {
     used: u64,
     next_fresh: u64,
     next_va: u64,
-    plan: VecDeque<(u64, u64)>,
+    preset: VecDeque<(u64, u64)>,
     malloc_log: Vec<(u64, u64)>,
     segments: BTreeMap<u64, u64>,
     reservations: BTreeMap<u64, u64>,
@@ -109,7 +109,7 @@ impl SimDevice {
                 used: 0,
                 next_fresh: FRESH_BASE,
                 next_va: VA_BASE,
-                plan: VecDeque::new(),
+                preset: VecDeque::new(),
                 malloc_log: Vec::new(),
                 segments: BTreeMap::new(),
                 reservations: BTreeMap::new(),
@@ -142,13 +142,13 @@ impl SimDevice {
         self.state.lock().tags.get(&addr).copied()
     }
 
-    /// Plans the addresses of future segments: each `(size, address)` is used, in order, by
+    /// Presets the addresses of future segments: each `(size, address)` is used, in order, by
     /// the next `malloc` of exactly that size, as long as the address is free. A `malloc`
-    /// of another size gets a fresh address and leaves the plan alone. The replay engine uses
+    /// of another size gets a fresh address and leaves the preset list alone. The replay engine uses
     /// this to hand out a trace's own segment addresses, so that ties between equal free
     /// blocks (ordered by address) break the way they did in the recorded run.
-    pub fn plan_addresses(&self, plan: impl IntoIterator<Item = (u64, u64)>) {
-        self.state.lock().plan = plan.into_iter().collect();
+    pub fn preset_addresses(&self, segments: impl IntoIterator<Item = (u64, u64)>) {
+        self.state.lock().preset = segments.into_iter().collect();
     }
 
     /// Makes every recorded event complete at once (as if the GPU were infinitely fast).
@@ -313,14 +313,14 @@ impl Device for SimDevice {
             return Err(DeviceError::InvalidAddress(0, "zero-size segment"));
         }
         s.take_memory(size)?;
-        let planned = match s.plan.front() {
+        let preset = match s.preset.front() {
             Some(&(psize, paddr)) if psize == size && !overlaps(&s.segments, paddr, size) => {
-                s.plan.pop_front();
+                s.preset.pop_front();
                 Some(paddr)
             }
             _ => None,
         };
-        let ptr = planned.unwrap_or_else(|| {
+        let ptr = preset.unwrap_or_else(|| {
             let p = s.next_fresh;
             s.next_fresh = round_up(p + size, ALIGN);
             p
