@@ -2,12 +2,14 @@
 
 use crate::config::{AllocatorConfig, Policy, PolicyKind};
 use crate::device::{Device, StreamId};
-use crate::engine::Engine;
 use crate::error::AllocError;
-use crate::history::TraceEntry;
-use crate::packed::{Packed, Waited};
-use crate::snapshot::{recount, SegmentInfo};
-use crate::stats::{DeviceStats, MemoryStats};
+use crate::packed::Packed;
+use crate::policy::PolicyEngine;
+use crate::report::history::TraceEntry;
+use crate::report::snapshot::{recount, SegmentInfo};
+use crate::report::stats::{DeviceStats, MemoryStats};
+use crate::report::summary;
+use crate::torch::Engine;
 use parking_lot::{Mutex, MutexGuard};
 
 /// A caching allocator for one device, with any policy (PyTorch's algorithm as `torch` and
@@ -27,96 +29,41 @@ use parking_lot::{Mutex, MutexGuard};
 /// assert_eq!(sim.used(), 0);
 /// ```
 pub struct Allocator<D: Device> {
-    engine: Mutex<Core<D>>,
+    core: Mutex<Core<D>>,
 }
 
 /// The algorithm behind an allocator.
-enum Core<D: Device> {
-    /// PyTorch's (`torch`, `torch-expandable`).
-    Torch(Engine<D>),
-    /// gpumem's own (`gpumem`).
-    Packed(Packed<D>),
-}
+type Core<D> = Box<dyn PolicyEngine<D>>;
 
-/// Runs the same expression on whichever engine is inside.
-macro_rules! on_core {
-    ($core:expr, $e:ident => $body:expr) => {
-        match $core {
-            Core::Torch($e) => $body,
-            Core::Packed($e) => $body,
-        }
-    };
-}
-
-impl<D: Device> Core<D> {
-    fn malloc(&mut self, size: u64, stream: StreamId) -> Result<u64, AllocError> {
-        on_core!(self, e => e.malloc(size, stream))
+/// Caps reserved memory at `fraction` of the device (PyTorch: of its total memory).
+fn set_memory_fraction<D: Device>(core: &mut Core<D>, fraction: f64) -> Result<(), AllocError> {
+    if !(0.0..=1.0).contains(&fraction) || fraction.is_nan() {
+        return Err(AllocError::InvalidFraction(fraction));
     }
-    fn free(&mut self, ptr: u64) -> Result<(), AllocError> {
-        on_core!(self, e => e.free(ptr))
-    }
-    fn record_stream(&mut self, ptr: u64, stream: StreamId) -> Result<(), AllocError> {
-        on_core!(self, e => e.record_stream(ptr, stream))
-    }
-    fn process_events(&mut self) -> Result<(), AllocError> {
-        on_core!(self, e => e.process_events())
-    }
-    fn empty_cache(&mut self) -> Result<(), AllocError> {
-        match self {
-            Core::Torch(e) => e.release_cached_blocks(),
-            Core::Packed(p) => p.empty_cache(),
-        }
-    }
-    /// Caps reserved memory at `fraction` of the device (PyTorch: of its total memory).
-    fn set_memory_fraction(&mut self, fraction: f64) -> Result<(), AllocError> {
-        if !(0.0..=1.0).contains(&fraction) || fraction.is_nan() {
-            return Err(AllocError::InvalidFraction(fraction));
-        }
-        let (_, total) = self.allowed_and_total();
-        let cap = (fraction * total as f64) as u64;
-        on_core!(self, e => e.allowed_memory_maximum = Some(cap));
-        Ok(())
-    }
-    fn allowed_and_total(&self) -> (Option<u64>, u64) {
-        on_core!(self, e => (e.allowed_memory_maximum, e.device_total))
-    }
-    fn stats(&self) -> &DeviceStats {
-        on_core!(self, e => &e.stats)
-    }
-    fn stats_mut(&mut self) -> &mut DeviceStats {
-        on_core!(self, e => &mut e.stats)
-    }
-    fn history(&mut self) -> &mut crate::history::History {
-        on_core!(self, e => &mut e.history)
-    }
-    fn config(&self) -> &AllocatorConfig {
-        on_core!(self, e => &e.config)
-    }
-    fn device(&self) -> &D {
-        on_core!(self, e => &e.device)
-    }
-    fn snapshot(&self) -> Vec<SegmentInfo> {
-        on_core!(self, e => e.snapshot())
-    }
+    let cap = (fraction * core.device_total() as f64) as u64;
+    core.set_memory_cap(Some(cap));
+    Ok(())
 }
 
 impl<D: Device> Allocator<D> {
-    /// An allocator over `device` with these options: PyTorch's algorithm unless the options
-    /// name another policy (`policy:gpumem`).
+    /// An allocator over `device` with these options: the default policy
+    /// ([`PolicyKind::DEFAULT`], `gpumem`) unless the options name another (`policy:torch`)
+    /// or hold options that only PyTorch's algorithm has (`max_split_size_mb`, which select
+    /// `torch`; `expandable_segments:True`, which selects `torch-expandable`).
     pub fn new(device: D, mut config: AllocatorConfig) -> Result<Allocator<D>, AllocError> {
-        let kind = config.settle_policy(PolicyKind::Torch)?;
+        let kind = config.settle_policy(PolicyKind::DEFAULT)?;
         if kind == PolicyKind::TorchExpandable {
             config.expandable_segments = true;
         }
         let fraction = config.per_process_memory_fraction;
-        let mut core = match kind {
-            PolicyKind::Gpumem => Core::Packed(Packed::new(device, config)?),
-            PolicyKind::Torch | PolicyKind::TorchExpandable => Core::Torch(Engine::new(device, config)?),
+        let mut core: Core<D> = match kind {
+            PolicyKind::Gpumem => Box::new(Packed::new(device, config)?),
+            PolicyKind::Torch | PolicyKind::TorchExpandable => Box::new(Engine::new(device, config)?),
         };
         if let Some(f) = fraction {
-            core.set_memory_fraction(f)?;
+            set_memory_fraction(&mut core, f)?;
         }
-        Ok(Allocator { engine: Mutex::new(core) })
+        Ok(Allocator { core: Mutex::new(core) })
     }
 
     /// An allocator for a named policy (`"gpumem"`, `"torch-expandable:max_split_size_mb:128"`).
@@ -128,20 +75,12 @@ impl<D: Device> Allocator<D> {
 
     /// The policy in force.
     pub fn policy(&self) -> PolicyKind {
-        match &*self.lock() {
-            Core::Torch(e) if e.config.expandable_segments => PolicyKind::TorchExpandable,
-            Core::Torch(_) => PolicyKind::Torch,
-            Core::Packed(_) => PolicyKind::Gpumem,
-        }
+        self.lock().kind()
     }
 
     fn lock(&self) -> MutexGuard<'_, Core<D>> {
-        let mut core = self.engine.lock();
-        if let Core::Packed(p) = &mut *core {
-            // a new call: the program may have launched work since the last one (Note [One
-            // wait per call] in packed.rs)
-            p.waited = Waited::Nothing;
-        }
+        let mut core = self.core.lock();
+        core.begin_call();
         core
     }
 
@@ -184,13 +123,13 @@ impl<D: Device> Allocator<D> {
 
     /// Caps reserved memory at `fraction` of the device's total memory.
     pub fn set_per_process_memory_fraction(&self, fraction: f64) -> Result<(), AllocError> {
-        self.lock().set_memory_fraction(fraction)
+        set_memory_fraction(&mut self.lock(), fraction)
     }
 
     /// The cap from the memory fraction as a fraction of the device (1.0 when unset).
     pub fn per_process_memory_fraction(&self) -> f64 {
-        let (allowed, total) = self.lock().allowed_and_total();
-        allowed.map_or(1.0, |m| m as f64 / total as f64)
+        let core = self.lock();
+        core.memory_cap().map_or(1.0, |m| m as f64 / core.device_total() as f64)
     }
 
     /// A copy of all counters.
@@ -236,7 +175,7 @@ impl<D: Device> Allocator<D> {
     /// PyTorch's `memory_summary()` table.
     pub fn memory_summary(&self, abbreviated: bool) -> String {
         let e = self.lock();
-        crate::summary::memory_summary(e.stats(), e.device().index(), abbreviated)
+        summary::memory_summary(e.stats(), e.device().index(), abbreviated)
     }
 
     /// Every segment and block, in address order.
@@ -250,10 +189,7 @@ impl<D: Device> Allocator<D> {
     pub fn check_stats(&self) -> Result<(), String> {
         let e = self.lock();
         e.stats().mismatch_with_recount(&recount(&e.snapshot())).map_or(Ok(()), Err)?;
-        match &*e {
-            Core::Packed(p) => p.check_chunks(),
-            Core::Torch(_) => Ok(()),
-        }
+        e.check_invariants()
     }
 
     /// Free and total device memory as the driver reports it.

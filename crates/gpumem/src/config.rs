@@ -4,7 +4,6 @@
 //! `max_split_size_mb:128,roundup_power2_divisions:[64:8,>:4],expandable_segments:True`.
 //! Unknown keys and bad values are errors that name the key, never silently ignored.
 
-use crate::size::{LARGE_BUFFER, SMALL_BUFFER};
 use std::fmt;
 
 /// The environment variable that holds allocator options.
@@ -12,6 +11,12 @@ pub const ENV_VAR: &str = "GPUMEM_ALLOC_CONF";
 
 /// The number of power-of-two intervals for `roundup_power2_divisions` (1 MiB .. 64 GiB).
 pub const ROUNDUP_INTERVALS: usize = 16;
+
+/// PyTorch's 20 MiB `kLargeBuffer`: the default `large_segment_size_mb` and
+/// `max_non_split_rounding_mb`, and the least `max_split_size_mb` it accepts.
+const LARGE_BUFFER: u64 = 20 << 20;
+/// PyTorch's 2 MiB `kSmallBuffer`: `large_segment_size_mb` must be a multiple of it.
+const SMALL_BUFFER: u64 = 2 << 20;
 
 /// A malformed option string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,27 +51,8 @@ pub struct AllocatorConfig {
     /// The policy named by the gpumem-only key `policy` (`torch`, `torch-expandable`,
     /// `gpumem`), if given.
     pub policy: Option<PolicyKind>,
-    /// `gpumem` policy only: an idle chunk more than this many times larger than a block
-    /// about to land in it is unmapped first, so the block does not pin it (`compact_factor`;
-    /// 0, the default, never does).
-    pub compact_factor: u64,
-    /// `gpumem` policy only: whether the free pages of chunks that still hold live blocks are
-    /// given back by moving the pages under the live blocks (`compaction`, default True; Note
-    /// \[Compaction\] in `compact.rs`).
-    pub compaction: bool,
-    /// `gpumem` policy only: whether a training loop's period, once it has repeated exactly,
-    /// is planned and followed (`periodic_plan`, default True; Note \[Periodic plans\] in
-    /// `plan.rs`).
-    pub periodic_plan: bool,
-    /// `gpumem` policy only: reserved memory may exceed the peak of live bytes by this
-    /// fraction before idle memory is recycled or compacted (`recycle_slack`, default 0: only
-    /// the peak reserved so far bounds it). Trades memory for fewer device calls.
-    pub recycle_slack: f64,
-    /// `gpumem` policy only: reserved memory below which idle memory is never recycled nor
-    /// chunks compacted for growth (`recycle_above_mb`, default 0). For a program that knows
-    /// the memory it may take: below this much the policy maps fresh pages as a caching
-    /// allocator would, and gathers only beyond it. It trades memory for device calls.
-    pub recycle_above: u64,
+    /// Options of the `gpumem` policy alone.
+    pub packed: PackedOptions,
     /// The keys that were set, in order.
     pub keys: Vec<String>,
     /// Keys PyTorch accepts that concern things gpumem does not manage (pinned host memory,
@@ -87,14 +73,50 @@ impl Default for AllocatorConfig {
             large_segment_size: LARGE_BUFFER,
             per_process_memory_fraction: None,
             policy: None,
+            packed: PackedOptions::default(),
+            keys: Vec::new(),
+            inert: Vec::new(),
+            source: String::new(),
+        }
+    }
+}
+
+/// The options that only the `gpumem` policy has (`compaction`, `periodic_plan`,
+/// `recycle_slack`, `recycle_above_mb`, `compact_factor`), parsed from the same option string
+/// as PyTorch's keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedOptions {
+    /// An idle chunk more than this many times larger than a block
+    /// about to land in it is unmapped first, so the block does not pin it (`compact_factor`;
+    /// 0, the default, never does).
+    pub compact_factor: u64,
+    /// Whether the free pages of chunks that still hold live blocks are
+    /// given back by moving the pages under the live blocks (`compaction`, default True; Note
+    /// \[Compaction\] in `packed/compact.rs`).
+    pub compaction: bool,
+    /// Whether a training loop's period, once it has repeated exactly,
+    /// is planned and followed (`periodic_plan`, default True; Note \[Periodic plans\] in
+    /// `packed/plan.rs`).
+    pub periodic_plan: bool,
+    /// Reserved memory may exceed the peak of live bytes by this
+    /// fraction before idle memory is recycled or compacted (`recycle_slack`, default 0: only
+    /// the peak reserved so far bounds it). Trades memory for fewer device calls.
+    pub recycle_slack: f64,
+    /// Reserved memory below which idle memory is never recycled nor
+    /// chunks compacted for growth (`recycle_above_mb`, default 0). For a program that knows
+    /// the memory it may take: below this much the policy maps fresh pages as a caching
+    /// allocator would, and gathers only beyond it. It trades memory for device calls.
+    pub recycle_above: u64,
+}
+
+impl Default for PackedOptions {
+    fn default() -> Self {
+        PackedOptions {
             compact_factor: 0,
             compaction: true,
             periodic_plan: true,
             recycle_slack: 0.0,
             recycle_above: 0,
-            keys: Vec::new(),
-            inert: Vec::new(),
-            source: String::new(),
         }
     }
 }
@@ -232,17 +254,17 @@ impl AllocatorConfig {
                 self.garbage_collection_threshold = v;
             }
             "roundup_power2_divisions" => self.parse_divisions(t)?,
-            "compact_factor" => self.compact_factor = parse_u64(key, &t.next(key)?)?,
-            "compaction" => self.compaction = parse_bool(key, &t.next(key)?)?,
-            "periodic_plan" => self.periodic_plan = parse_bool(key, &t.next(key)?)?,
+            "compact_factor" => self.packed.compact_factor = parse_u64(key, &t.next(key)?)?,
+            "compaction" => self.packed.compaction = parse_bool(key, &t.next(key)?)?,
+            "periodic_plan" => self.packed.periodic_plan = parse_bool(key, &t.next(key)?)?,
             "recycle_slack" => {
                 let v = parse_f64(key, &t.next(key)?)?;
                 if !(0.0..1.0).contains(&v) {
                     return err("recycle_slack must be at least 0.0 and below 1.0 (0.01: 1% above the live peak)");
                 }
-                self.recycle_slack = v;
+                self.packed.recycle_slack = v;
             }
-            "recycle_above_mb" => self.recycle_above = parse_u64(key, &t.next(key)?)?.saturating_mul(MB),
+            "recycle_above_mb" => self.packed.recycle_above = parse_u64(key, &t.next(key)?)?.saturating_mul(MB),
             "policy" => {
                 let v = t.next(key)?;
                 self.policy = Some(kind_from_name(&v)?);
@@ -375,8 +397,14 @@ pub enum PolicyKind {
     Torch,
     /// PyTorch's allocator with `expandable_segments:True`.
     TorchExpandable,
-    /// gpumem's own: byte-granular packing with page recycling (see `packed.rs`).
+    /// gpumem's own: byte-granular packing with page recycling (see `packed/mod.rs`).
     Gpumem,
+}
+
+impl PolicyKind {
+    /// The policy used where none is named: by [`crate::Allocator::new`], the global API
+    /// and the `gpumem` command alike.
+    pub const DEFAULT: PolicyKind = PolicyKind::Gpumem;
 }
 
 /// The policy called `name` (one of [`Policy::NAMES`]).

@@ -1,8 +1,8 @@
 //! Errors, above all the out-of-memory report.
 
+use crate::common::format_size;
 use crate::config::ConfigError;
 use crate::device::DeviceError;
-use crate::size::format_size;
 use std::fmt;
 
 /// An allocation the device could not satisfy even after every cached block was freed.

@@ -10,11 +10,11 @@
 //! # Ok::<(), gpumem::AllocError>(())
 //! ```
 
+use crate::allocator::Allocator;
 use crate::config::{AllocatorConfig, Policy, PolicyKind};
-use crate::cuda::CudaDevice;
+use crate::device::cuda::CudaDevice;
 use crate::error::AllocError;
-use crate::stats::MemoryStats;
-use crate::Allocator;
+use crate::report::stats::MemoryStats;
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -107,7 +107,7 @@ pub fn memory_stats(device: usize) -> MemoryStats {
 pub fn memory_summary(device: usize, abbreviated: bool) -> String {
     match existing(device) {
         Some(a) => a.memory_summary(abbreviated),
-        None => crate::summary::memory_summary(&Default::default(), device, abbreviated),
+        None => crate::report::summary::memory_summary(&Default::default(), device, abbreviated),
     }
 }
 

@@ -19,35 +19,22 @@
 #![warn(missing_docs)]
 
 mod allocator;
-mod block;
-mod compact;
+mod common;
 mod config;
-mod cuda;
 mod device;
-mod engine;
 mod error;
-mod events;
-mod expandable;
-mod free_index;
 mod global;
-mod growth;
-mod history;
 mod packed;
-mod packed_alloc;
-mod plan;
-mod plan_region;
-mod pool;
-mod release;
-mod sim;
-mod size;
-mod snapshot;
-mod stats;
-mod summary;
+mod policy;
+mod report;
 mod tensor;
+mod torch;
 
 pub use allocator::Allocator;
-pub use config::{AllocatorConfig, ConfigError, Policy, PolicyKind, ENV_VAR};
-pub use cuda::{device_count, driver_present, CudaCounters, CudaDevice};
+pub use common::format_size;
+pub use config::{AllocatorConfig, ConfigError, PackedOptions, Policy, PolicyKind, ENV_VAR};
+pub use device::cuda::{device_count, driver_present, CudaCounters, CudaDevice};
+pub use device::sim::{SimCounters, SimDevice, H100_CAPACITY};
 pub use device::{Device, DeviceError, EventId, StreamId};
 pub use error::{AllocError, OutOfMemory};
 pub use global::{
@@ -56,10 +43,8 @@ pub use global::{
     reset_peak_memory_stats, set_per_process_memory_fraction, CudaAllocator,
 };
 pub use half::{bf16, f16};
-pub use history::{Action, TraceEntry};
-pub use sim::{SimCounters, SimDevice, H100_CAPACITY};
-pub use size::format_size;
-pub use snapshot::{recount, BlockInfo, BlockState, SegmentInfo};
-pub use stats::{DeviceStats, MemoryStats, PoolKind, Stat, StatArray};
-pub use summary::memory_summary as format_memory_summary;
+pub use report::history::{Action, TraceEntry};
+pub use report::snapshot::{recount, BlockInfo, BlockState, SegmentInfo};
+pub use report::stats::{DeviceStats, MemoryStats, PoolKind, Stat, StatArray};
+pub use report::summary::memory_summary as format_memory_summary;
 pub use tensor::{Element, FloatElement, Tensor};

@@ -8,10 +8,10 @@
 //! use (`record_stream`), so its block is not reused before that stream is done with it; that
 //! stream must then outlive the tensor.
 
+use crate::device::DeviceError;
 use crate::device::StreamId;
 use crate::error::AllocError;
 use crate::global::{allocator, CudaAllocator};
-use crate::DeviceError;
 use cudarc::driver::{
     CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchArgs, PushKernelArg, SyncOnDrop,
 };

@@ -313,7 +313,7 @@ fn compaction_keeps_growth_under_the_peak() {
 #[test]
 fn compaction_options_belong_to_the_gpumem_policy() {
     let c = AllocatorConfig::parse("compaction:False").unwrap();
-    assert!(!c.compaction);
+    assert!(!c.packed.compaction);
     assert!(AllocatorConfig::parse("compaction:maybe").is_err());
     let e = refusal("policy:torch,compaction:True");
     assert!(e.contains("compaction applies to the gpumem policy only"), "{e}");
@@ -364,7 +364,7 @@ fn recycle_above_maps_fresh_pages_below_the_floor() {
     // the floor (the 150 MiB) the policy gathers again
     assert_eq!(gathering_after_a_freed_peak("recycle_above_mb:200"), (false, 164 * MIB, true));
     assert!(AllocatorConfig::parse("recycle_above_mb:-1").is_err());
-    assert_eq!(AllocatorConfig::parse("recycle_above_mb:4096").unwrap().recycle_above, 4 << 30);
+    assert_eq!(AllocatorConfig::parse("recycle_above_mb:4096").unwrap().packed.recycle_above, 4 << 30);
     let e = refusal("policy:torch,recycle_above_mb:1024");
     assert!(e.contains("recycle_above_mb applies to the gpumem policy only"), "{e}");
 }

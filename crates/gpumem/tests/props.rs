@@ -1,7 +1,7 @@
 //! Property tests: random sequences of alloc, free, record_stream, event completion and
 //! empty_cache over several streams, in every policy, checked after every step.
 
-use gpumem::{AllocError, Allocator, AllocatorConfig, BlockState, SimDevice, StreamId};
+use gpumem::{AllocError, Allocator, AllocatorConfig, BlockState, PolicyKind, SimDevice, StreamId};
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
@@ -117,9 +117,17 @@ fn stamped_malloc(
     }
 }
 
+/// The options `conf`, under PyTorch's algorithm unless they name another policy (the
+/// library's default is the gpumem policy; these tests are about PyTorch's).
+fn torch_config(conf: &str) -> AllocatorConfig {
+    let mut c = AllocatorConfig::parse(conf).unwrap();
+    c.settle_policy(PolicyKind::Torch).unwrap();
+    c
+}
+
 fn run(config: &str, steps: &[Step]) {
     let sim = SimDevice::new(1 << 30);
-    let a = Allocator::new(sim.clone(), AllocatorConfig::parse(config).unwrap()).unwrap();
+    let a = Allocator::new(sim.clone(), torch_config(config)).unwrap();
     let mut live: Vec<Live> = Vec::new();
     for (tag, s) in steps.iter().enumerate() {
         match *s {

@@ -1,6 +1,6 @@
 //! Each rule of PyTorch's allocator, pinned to the numbers PyTorch gives.
 
-use gpumem::{AllocError, Allocator, AllocatorConfig, Device, SimDevice, StreamId};
+use gpumem::{AllocError, Allocator, AllocatorConfig, Device, PolicyKind, SimDevice, StreamId};
 
 const MIB: u64 = 1 << 20;
 const S0: StreamId = StreamId(0);
@@ -9,9 +9,17 @@ fn setup(conf: &str) -> (SimDevice, Allocator<SimDevice>) {
     setup_cap(conf, 80 << 30)
 }
 
+/// The options `conf`, under PyTorch's algorithm unless they name another policy (the
+/// library's default is the gpumem policy; these tests are about PyTorch's).
+fn torch_config(conf: &str) -> AllocatorConfig {
+    let mut c = AllocatorConfig::parse(conf).unwrap();
+    c.settle_policy(PolicyKind::Torch).unwrap();
+    c
+}
+
 fn setup_cap(conf: &str, cap: u64) -> (SimDevice, Allocator<SimDevice>) {
     let sim = SimDevice::new(cap);
-    let a = Allocator::new(sim.clone(), AllocatorConfig::parse(conf).unwrap()).unwrap();
+    let a = Allocator::new(sim.clone(), torch_config(conf)).unwrap();
     (sim, a)
 }
 

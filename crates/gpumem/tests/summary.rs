@@ -1,7 +1,7 @@
 //! memory_summary() for a known scenario, line by line against the table worked out by hand
 //! from PyTorch's rules.
 
-use gpumem::{Allocator, AllocatorConfig, SimDevice, StreamId};
+use gpumem::{Allocator, SimDevice, StreamId};
 
 const EXPECTED: &str = "\
 |===========================================================================|
@@ -55,7 +55,7 @@ const EXPECTED: &str = "\
 
 #[test]
 fn summary_of_a_known_scenario() {
-    let a = Allocator::new(SimDevice::default(), AllocatorConfig::default()).unwrap();
+    let a = Allocator::with_policy(SimDevice::default(), &"torch".parse().unwrap()).unwrap();
     // 1000 B: a 2 MiB small segment, split; 5 MiB: a 20 MiB segment, split; then free the small one
     let small = a.malloc(1000, StreamId::DEFAULT).unwrap();
     a.malloc(5 << 20, StreamId::DEFAULT).unwrap();
@@ -69,7 +69,7 @@ fn summary_of_a_known_scenario() {
 
 #[test]
 fn abbreviated_summary_drops_the_pool_rows() {
-    let a = Allocator::new(SimDevice::default(), AllocatorConfig::default()).unwrap();
+    let a = Allocator::with_policy(SimDevice::default(), &"torch".parse().unwrap()).unwrap();
     a.malloc(5 << 20, StreamId::DEFAULT).unwrap();
     let s = a.memory_summary(true);
     assert!(!s.contains("from large pool"));

@@ -12,13 +12,13 @@
 //! unmapped ones sit in the pool's `unmapped` set. This mirrors PyTorch's
 //! `ExpandableSegment` and its use in `DeviceCachingAllocator`.
 
-use crate::block::{Block, BlockId};
 use crate::device::{Device, DeviceError, StreamId};
-use crate::engine::{pool_index, Engine};
 use crate::error::AllocError;
-use crate::history::Action;
-use crate::size::SMALL_BUFFER;
-use crate::stats::PoolKind;
+use crate::report::history::Action;
+use crate::report::stats::PoolKind;
+use crate::torch::block::{Block, BlockId};
+use crate::torch::size::SMALL_BUFFER;
+use crate::torch::Engine;
 
 /// One reserved address range and the pages mapped into it.
 pub(crate) struct ExpandableSegment {
@@ -67,7 +67,7 @@ impl<D: Device> Engine<D> {
             }
             bytes >= size
         };
-        let pool = &self.pools[pool_index(kind)];
+        let pool = self.pools.get(kind);
         for &(_, _, id) in pool.unmapped.range((stream.0, 0, 0)..).take_while(|k| k.0 == stream.0) {
             let mut c = id;
             if let Some(p) = self.allocatable(self.blocks[id].prev) {
@@ -87,7 +87,7 @@ impl<D: Device> Engine<D> {
         b.expandable = Some(self.segments.len() as u32);
         self.segments.push(Some(seg));
         let id = self.blocks.insert(b);
-        self.pools[pool_index(kind)].insert_unmapped(&self.blocks[id], id);
+        self.pools.get_mut(kind).insert_unmapped(&self.blocks[id], id);
         Ok(id)
     }
 
@@ -117,7 +117,7 @@ impl<D: Device> Engine<D> {
             }
         }
         let mapped = (end - begin) * seg.page;
-        let pool = &mut self.pools[pool_index(kind)];
+        let pool = self.pools.get_mut(kind);
         pool.remove_unmapped(&self.blocks[id], id);
         self.blocks[id].mapped = true;
         if mapped < self.blocks[id].size {
@@ -133,12 +133,12 @@ impl<D: Device> Engine<D> {
             }
             self.blocks[id].next = Some(rid);
             self.blocks[id].size = mapped;
-            self.pools[pool_index(kind)].insert_unmapped(&self.blocks[rid], rid);
+            self.pools.get_mut(kind).insert_unmapped(&self.blocks[rid], rid);
         }
         let (prev, next) = (self.blocks[id].prev, self.blocks[id].next);
         self.try_merge_blocks(id, prev);
         self.try_merge_blocks(id, next);
-        self.pools[pool_index(kind)].insert(&mut self.blocks[id], id);
+        self.pools.get_mut(kind).insert(&mut self.blocks[id], id);
         self.total_reserved += mapped;
         self.stats.reserved_bytes.increase(kind, mapped);
         self.stats.num_device_alloc += 1;
@@ -171,7 +171,7 @@ impl<D: Device> Engine<D> {
             }
             candidate = next;
         }
-        let removed = self.pools[pool_index(kind)].remove(&self.blocks[candidate], candidate);
+        let removed = self.pools.get_mut(kind).remove(&self.blocks[candidate], candidate);
         debug_assert!(removed);
         Ok(Some(candidate))
     }
@@ -204,7 +204,7 @@ impl<D: Device> Engine<D> {
             seg.mapped.pop();
         }
         let (uptr, usize_) = (seg.base + begin * seg.page, (end - begin) * seg.page);
-        let pool = &mut self.pools[pool_index(kind)];
+        let pool = self.pools.get_mut(kind);
         pool.remove(&self.blocks[id], id);
         let before = uptr - ptr;
         if before > 0 {
@@ -217,7 +217,7 @@ impl<D: Device> Engine<D> {
                 self.blocks[p].next = Some(bid);
             }
             self.blocks[id].prev = Some(bid);
-            self.pools[pool_index(kind)].insert(&mut self.blocks[bid], bid);
+            self.pools.get_mut(kind).insert(&mut self.blocks[bid], bid);
         }
         let after = size - (before + usize_);
         if after > 0 {
@@ -230,7 +230,7 @@ impl<D: Device> Engine<D> {
                 self.blocks[n].prev = Some(aid);
             }
             self.blocks[id].next = Some(aid);
-            self.pools[pool_index(kind)].insert(&mut self.blocks[aid], aid);
+            self.pools.get_mut(kind).insert(&mut self.blocks[aid], aid);
         }
         let b = &mut self.blocks[id];
         b.ptr = uptr;
@@ -239,7 +239,7 @@ impl<D: Device> Engine<D> {
         let (prev, next) = (b.prev, b.next);
         self.try_merge_blocks(id, prev);
         self.try_merge_blocks(id, next);
-        self.pools[pool_index(kind)].insert_unmapped(&self.blocks[id], id);
+        self.pools.get_mut(kind).insert_unmapped(&self.blocks[id], id);
         self.total_reserved -= usize_;
         self.stats.reserved_bytes.decrease(kind, usize_);
         self.stats.num_device_free += 1;
@@ -253,7 +253,7 @@ impl<D: Device> Engine<D> {
         let seg_index = b.expandable.expect("expandable block") as usize;
         let seg = self.segments[seg_index].take().expect("live segment");
         debug_assert!(!b.mapped && b.size == seg.size());
-        self.pools[pool_index(b.pool)].remove_unmapped(b, id);
+        self.pools.get_mut(b.pool).remove_unmapped(b, id);
         self.blocks.remove(id);
         self.device.unreserve(seg.base, seg.size())?;
         Ok(())

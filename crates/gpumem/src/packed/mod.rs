@@ -16,7 +16,7 @@
 //!   instead of reserving more. Virtual address space is plentiful; physical memory is not;
 //! - a chunk that still holds a few live blocks among free pages is compacted when that
 //!   memory is needed: the pages under the blocks move to allocations of their own at the
-//!   same addresses, and the rest goes back (Note [Compaction] in `compact.rs`).
+//!   same addresses, and the rest goes back (Note [Compaction] in `packed/compact.rs`).
 //!
 //! Note [Why the peak decides when to recycle]
 //! -------------------------------------------
@@ -34,17 +34,25 @@
 //! belongs to no stream, and freshly mapped pages go to whichever stream asked.
 //! A block used on other streams (`record_stream`) waits for their events before it is free.
 
+mod alloc;
+mod compact;
+mod free_index;
+mod growth;
+mod interface;
+mod plan;
+mod plan_region;
+
+use crate::common::PtrMap;
 use crate::config::AllocatorConfig;
+use crate::device::events::PendingFrees;
 use crate::device::{Device, DeviceError, StreamId};
-use crate::engine::PtrMap;
 use crate::error::AllocError;
-use crate::events::PendingFrees;
-use crate::free_index::FreeIndex;
-use crate::growth::Growth;
-use crate::history::{Action, History};
-use crate::plan::Detector;
-use crate::plan_region::ActivePlan;
-use crate::stats::{DeviceStats, PoolKind};
+use crate::packed::free_index::FreeIndex;
+use crate::packed::growth::Growth;
+use crate::packed::plan::Detector;
+use crate::packed::plan_region::ActivePlan;
+use crate::report::history::{Action, History};
+use crate::report::stats::{DeviceStats, PoolKind};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
 
@@ -62,7 +70,7 @@ pub(crate) struct Used {
 
 /// A piece of the address range: a live block, or free space (mapped, with its owning
 /// stream, or unmapped), or free space of the plan's region (mapped or not), which only
-/// planned blocks use (Note [Periodic plans] in `plan.rs`).
+/// planned blocks use (Note [Periodic plans] in `packed/plan.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Piece {
     Used,
@@ -85,6 +93,22 @@ pub(crate) struct Chunk {
     pub other_streams: bool,
     /// When the chunk last became idle (for least-recently-used recycling).
     pub idle_since: u64,
+}
+
+/// The largest chunk mapped in one call (Note [Chunk shapes]).
+pub(crate) const MAX_CHUNK: u64 = 256 << 20;
+/// The smallest cap on a chunk's size, however small the footprint.
+pub(crate) const MIN_CHUNK_CAP: u64 = 32 << 20;
+
+/// The length of the next chunk of a range of `left` bytes, for chunks of at most `cap`:
+/// a short tail (under a quarter of `cap`) joins the chunk before it, which saves a device
+/// call for each block a little over a multiple of `cap`.
+pub(crate) fn chunk_len(left: u64, cap: u64) -> u64 {
+    if left < cap + cap / 4 {
+        left
+    } else {
+        cap
+    }
 }
 
 pub(crate) struct Packed<D: Device> {
@@ -115,7 +139,7 @@ pub(crate) struct Packed<D: Device> {
     /// Live blocks by address.
     pub live: PtrMap<Used>,
     /// Large requests seen, to recognise buffers grown by copying (Note [Buffers grown by
-    /// copying] in `growth.rs`).
+    /// copying] in `packed/growth.rs`).
     pub growth: Box<Growth>,
     /// The chunk mapped at each page (index + 1), 0 where unmapped.
     pub page_chunk: Vec<u32>,
@@ -585,7 +609,7 @@ impl<D: Device> Packed<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::SimDevice;
+    use crate::device::sim::SimDevice;
 
     #[test]
     fn the_idle_queue_stays_bounded_in_a_loop_without_device_calls() {

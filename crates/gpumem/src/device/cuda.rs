@@ -14,7 +14,7 @@
 //! Unlike `cuMemFree`, `cuMemUnmap` does not wait for kernels still using the pages; unmapping
 //! early kills the context with an illegal-address error. The engines wait for the default
 //! stream, or for the whole device where other streams used the pages, before they call
-//! `unmap` (Note [Which wait before unmapping] in `packed.rs`).
+//! `unmap` (Note [Which wait before unmapping] in `packed/mod.rs`).
 
 use crate::device::{Device, DeviceError, EventId, StreamId};
 use cudarc::driver::sys::{self, CUresult};

@@ -7,7 +7,7 @@
 //! keeps the hot path free of per-block heap allocation.
 
 use crate::device::StreamId;
-use crate::stats::PoolKind;
+use crate::report::stats::PoolKind;
 
 /// The index of a block in the arena.
 pub(crate) type BlockId = u32;

@@ -32,9 +32,9 @@
 
 use crate::device::{Device, DeviceError, StreamId};
 use crate::error::AllocError;
-use crate::history::Action;
 use crate::packed::{Chunk, Packed, Waited};
-use crate::stats::PoolKind;
+use crate::report::history::Action;
+use crate::report::stats::PoolKind;
 
 /// A chunk that compaction would shrink: the runs of pages under its live blocks (with the
 /// number of live blocks and their bytes on each), and the bytes of those runs: what the

@@ -8,7 +8,8 @@
 //!
 //! Unmapped address ranges of expandable segments are kept apart, by (stream, address).
 
-use crate::block::{Block, BlockId};
+use crate::report::stats::PoolKind;
+use crate::torch::block::{Block, BlockId};
 use std::collections::BTreeSet;
 use std::ops::Bound::{Included, Unbounded};
 
@@ -23,15 +24,46 @@ pub(crate) struct BlockPool {
     pub get_free_blocks_call_count: i64,
 }
 
+/// The small pool (blocks of requests up to 1 MiB) and the large pool, named by
+/// [`PoolKind`]: the one numbering of the pools is the stats' (`PoolKind::index`).
+#[derive(Default)]
+pub(crate) struct Pools {
+    small: BlockPool,
+    large: BlockPool,
+}
+
+impl Pools {
+    pub(crate) fn get(&self, kind: PoolKind) -> &BlockPool {
+        match kind {
+            PoolKind::Small => &self.small,
+            PoolKind::Large => &self.large,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, kind: PoolKind) -> &mut BlockPool {
+        match kind {
+            PoolKind::Small => &mut self.small,
+            PoolKind::Large => &mut self.large,
+        }
+    }
+
+    /// Both pools.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &BlockPool> {
+        [&self.small, &self.large].into_iter()
+    }
+}
+
 pub(crate) fn size_key(b: &Block, id: BlockId) -> SizeKey {
     (b.stream.0, b.size, b.ptr, id)
 }
 
-impl BlockPool {
-    pub(crate) fn new() -> BlockPool {
+impl Default for BlockPool {
+    fn default() -> BlockPool {
         BlockPool { blocks: BTreeSet::new(), unmapped: BTreeSet::new(), get_free_blocks_call_count: 0 }
     }
+}
 
+impl BlockPool {
     /// Caches a free block, stamping its age.
     pub(crate) fn insert(&mut self, b: &mut Block, id: BlockId) {
         b.gc_count_base = self.get_free_blocks_call_count;

@@ -1,30 +1,14 @@
 //! The request path of the `gpumem` policy: placing blocks, freeing them, events, and
-//! `empty_cache`. See `packed.rs` for the design.
+//! `empty_cache`. See `packed/mod.rs` for the design.
 
+use crate::common::{self, format_size, MAX_REQUEST, MIN_BLOCK_SIZE};
 use crate::device::{Device, StreamId};
 use crate::error::{fraction_hint, AllocError, OutOfMemory};
-use crate::history::Action;
-use crate::packed::{Chunk, Packed, Piece, Used};
-use crate::plan_region::can_take_over;
-use crate::size::{self, MAX_REQUEST};
-use crate::snapshot::{BlockInfo, BlockState, SegmentInfo};
-use crate::stats::PoolKind;
-
-/// The largest chunk mapped in one call (Note [Chunk shapes]).
-pub(crate) const MAX_CHUNK: u64 = 256 << 20;
-/// The smallest cap on a chunk's size, however small the footprint.
-const MIN_CHUNK_CAP: u64 = 32 << 20;
-
-/// The length of the next chunk of a range of `left` bytes, for chunks of at most `cap`:
-/// a short tail (under a quarter of `cap`) joins the chunk before it, which saves a device
-/// call for each block a little over a multiple of `cap`.
-pub(crate) fn chunk_len(left: u64, cap: u64) -> u64 {
-    if left < cap + cap / 4 {
-        left
-    } else {
-        cap
-    }
-}
+use crate::packed::plan_region::can_take_over;
+use crate::packed::{chunk_len, Chunk, Packed, Piece, Used, MAX_CHUNK, MIN_CHUNK_CAP};
+use crate::report::history::Action;
+use crate::report::snapshot::{BlockInfo, BlockState, SegmentInfo};
+use crate::report::stats::PoolKind;
 
 /// The `gpumem` policy has one arena, not PyTorch's two pools: its stats appear under the
 /// large pool (and "all").
@@ -56,12 +40,12 @@ impl<D: Device> Packed<D> {
             return Err(AllocError::TooLarge(orig));
         }
         self.process_events()?;
-        let mut size = size::round_size(orig, &self.config);
+        let mut size = common::round_size(orig, self.config.roundup_power2_divisions_for(orig));
         if self.growth.on_request(orig) {
             // Note [Buffers grown by copying]
             size = size.div_ceil(self.page) * self.page;
         }
-        let search = self.config.periodic_plan && self.plan.is_none();
+        let search = self.config.packed.periodic_plan && self.plan.is_none();
         let seq = self.detector.on_alloc(size, stream.0, self.device_calls(), search);
         if let Some(addr) = self.place_planned(size, stream)? {
             self.install(addr, size, stream, orig, seq);
@@ -69,7 +53,7 @@ impl<D: Device> Packed<D> {
         }
         // Fast path: the best-fitting mapped hole of this stream.
         let mut hit = self.best_fit(stream, size);
-        let factor = self.config.compact_factor;
+        let factor = self.config.packed.compact_factor;
         if let Some(addr) = hit.filter(|_| factor > 0) {
             // Note [Splitting idle chunks]: with `compact_factor:N`, a block about to land in
             // an idle chunk more than N times its size would pin all of it; the chunk is
@@ -101,9 +85,9 @@ impl<D: Device> Packed<D> {
                 return Ok(addr);
             }
             let (holes, pinned) = self.long_lived_holes(first);
-            let compaction = self.config.compaction;
+            let compaction = self.config.packed.compaction;
             let follow = |lower, least_live| can_take_over(lower, least_live, compaction);
-            if let Some(plan) = self.detector.take_plan(size::MIN_BLOCK_SIZE, &holes, follow) {
+            if let Some(plan) = self.detector.take_plan(MIN_BLOCK_SIZE, &holes, follow) {
                 self.adopt(plan, &holes, pinned);
             }
         }
@@ -231,7 +215,7 @@ impl<D: Device> Packed<D> {
             }
             if self.exceeds(&place, max) {
                 self.recycle(place.need(), max, place.keep())?;
-                if self.config.compaction
+                if self.config.packed.compaction
                     && self.exceeds(&place, max)
                     && self.compact(place.need(), max, place.keep())?
                 {
@@ -248,7 +232,7 @@ impl<D: Device> Packed<D> {
             self.synchronize_and_free_events()?;
             self.stats.num_alloc_retries += 1;
             self.recycle(place.need(), 0, place.keep())?;
-            if self.config.compaction {
+            if self.config.packed.compaction {
                 self.compact(place.need(), 0, place.keep())?;
             }
             place = self.placement(size, stream);
@@ -267,7 +251,7 @@ impl<D: Device> Packed<D> {
         let limit = self.gather_limit(place.size);
         self.recycle(place.need(), limit, place.keep())?;
         let place = self.placement(size, stream);
-        if self.config.compaction
+        if self.config.packed.compaction
             && self.exceeds(&place, limit)
             && self.compact(place.need(), limit, place.keep())?
         {
@@ -289,8 +273,8 @@ impl<D: Device> Packed<D> {
     /// before the final peak"): with N at the trace's own final peak, bert makes 365 device
     /// calls instead of 719 at the same peak.
     fn gather_limit(&self, size: u64) -> u64 {
-        let floor = self.high_water.max(self.config.recycle_above);
-        let slack = self.config.recycle_slack;
+        let floor = self.high_water.max(self.config.packed.recycle_above);
+        let slack = self.config.packed.recycle_slack;
         if slack <= 0.0 {
             return floor;
         }
@@ -366,7 +350,7 @@ impl<D: Device> Packed<D> {
         // for no less memory; without it they save up to 11 points of reserved memory
         // (docs/policy.md).
         let page = self.page;
-        let (lo, hi) = if self.config.compaction {
+        let (lo, hi) = if self.config.packed.compaction {
             (from, to)
         } else {
             let lo = (place.start.div_ceil(page) * page).clamp(from, to);
@@ -375,7 +359,11 @@ impl<D: Device> Packed<D> {
         let mut pieces: Vec<(u64, u64)> = (from..lo).step_by(page as usize).map(|at| (at, page)).collect();
         let (mut at, cap) = (lo, self.chunk_cap());
         while at < hi {
-            let n = if self.config.compaction { chunk_len(hi - at, cap) } else { (hi - at).min(MAX_CHUNK) };
+            let n = if self.config.packed.compaction {
+                chunk_len(hi - at, cap)
+            } else {
+                (hi - at).min(MAX_CHUNK)
+            };
             pieces.push((at, n));
             at += n;
         }
@@ -517,7 +505,7 @@ impl<D: Device> Packed<D> {
         for c in self.idle_chunks() {
             self.unmap_chunk(c)?;
         }
-        if self.config.compaction {
+        if self.config.packed.compaction {
             self.compact_all()?;
         }
         // What is left mapped is the new baseline for recycling.
@@ -589,13 +577,13 @@ impl<D: Device> Packed<D> {
         let non_releasable = reserved.saturating_sub(active + self.idle_bytes);
         let hint = match fraction_hint(self.allowed_memory_maximum, need, free, total) {
             Some(h) => h,
-            None if reserved > allocated + allocated / 10 && !self.config.compaction => format!(
+            None if reserved > allocated + allocated / 10 && !self.config.packed.compaction => format!(
                 "{} of the reserved memory is free but shares physical chunks with live tensors, so it can be neither given back nor used for this request: free tensors you no longer need, use a smaller batch, or remove compaction:False (the free pages of those chunks are then given back).",
-                size::format_size(non_releasable)
+                format_size(non_releasable)
             ),
             None if reserved > allocated + allocated / 10 => format!(
                 "{} of the reserved memory is free but lies in pages shared with live tensors, in pieces too small for this request: free tensors you no longer need, or use a smaller batch.",
-                size::format_size(non_releasable)
+                format_size(non_releasable)
             ),
             None => "Live tensors hold nearly all of this memory: free tensors you no longer need, use a smaller batch, or look for leaks with a snapshot.".to_string(),
         };

@@ -1,8 +1,8 @@
 //! The allocator engine: PyTorch's caching algorithm over any [`Device`].
 //!
 //! This file holds the request path (`malloc`, `free`) and the block surgery it needs
-//! (splitting, merging). Releasing memory back to the device lives in `release.rs`, and
-//! expandable segments in `expandable.rs`. The engine is single-threaded (`&mut self`);
+//! (splitting, merging). Releasing memory back to the device lives in `torch/release.rs`, and
+//! expandable segments in `torch/expandable.rs`. The engine is single-threaded (`&mut self`);
 //! [`crate::Allocator`] puts it behind a lock.
 //!
 //! Note [Allocated versus active]
@@ -13,47 +13,34 @@
 //! That is why `allocated_bytes` drops at `free` while `active_bytes` and `requested_bytes`
 //! drop later, exactly as in PyTorch.
 
-use crate::block::{Arena, Block, BlockId};
+pub(crate) mod block;
+pub(crate) mod expandable;
+mod interface;
+mod pool;
+mod release;
+pub(crate) mod size;
+mod snapshot;
+
+use crate::common::PtrMap;
+use crate::common::{self, format_size, MAX_REQUEST, MIN_BLOCK_SIZE};
 use crate::config::AllocatorConfig;
+use crate::device::events::PendingFrees;
 use crate::device::{Device, DeviceError, StreamId};
 use crate::error::{fraction_hint, AllocError, OutOfMemory};
-use crate::events::PendingFrees;
-use crate::expandable::ExpandableSegment;
-use crate::history::{Action, History};
-use crate::pool::BlockPool;
-use crate::size::{self, MAX_REQUEST, MIN_BLOCK_SIZE, SMALL_SIZE};
-use crate::stats::{DeviceStats, PoolKind};
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// A fast hasher for pointer keys (a multiplicative mix; pointers are already well spread).
-#[derive(Default)]
-pub(crate) struct PtrHasher(u64);
-
-impl Hasher for PtrHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ (n >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        self.0 ^= self.0 >> 32;
-    }
-}
-
-pub(crate) type PtrMap<V> = HashMap<u64, V, BuildHasherDefault<PtrHasher>>;
+use crate::report::history::{Action, History};
+use crate::report::stats::{DeviceStats, PoolKind};
+use crate::torch::block::{Arena, Block, BlockId};
+use crate::torch::expandable::ExpandableSegment;
+use crate::torch::pool::{BlockPool, Pools};
+use crate::torch::size::SMALL_SIZE;
 
 pub(crate) struct Engine<D: Device> {
     pub device: D,
     pub config: AllocatorConfig,
     pub stats: DeviceStats,
     pub blocks: Arena,
-    /// The small pool (index 0) and the large pool (index 1).
-    pub pools: [BlockPool; 2],
+    /// The small pool and the large pool.
+    pub pools: Pools,
     /// Allocated blocks by address.
     pub live: PtrMap<BlockId>,
     /// Frees waiting for other streams.
@@ -69,13 +56,6 @@ pub(crate) struct Engine<D: Device> {
     pub device_total: u64,
 }
 
-pub(crate) fn pool_index(kind: PoolKind) -> usize {
-    match kind {
-        PoolKind::Small => 0,
-        PoolKind::Large => 1,
-    }
-}
-
 impl<D: Device> Engine<D> {
     pub(crate) fn new(device: D, config: AllocatorConfig) -> Result<Engine<D>, AllocError> {
         let (_, total) = device.mem_get_info()?;
@@ -84,7 +64,7 @@ impl<D: Device> Engine<D> {
             stats: DeviceStats { max_split_size: config.max_split_size_stat(), ..Default::default() },
             config,
             blocks: Arena::default(),
-            pools: [BlockPool::new(), BlockPool::new()],
+            pools: Pools::default(),
             live: PtrMap::default(),
             pending: PendingFrees::default(),
             total_reserved: 0,
@@ -96,7 +76,7 @@ impl<D: Device> Engine<D> {
     }
 
     pub(crate) fn pool(&self, kind: PoolKind) -> &BlockPool {
-        &self.pools[pool_index(kind)]
+        self.pools.get(kind)
     }
 
     fn gc_enabled(&self) -> bool {
@@ -109,9 +89,9 @@ impl<D: Device> Engine<D> {
             return Err(AllocError::TooLarge(orig));
         }
         self.process_events()?;
-        let size = size::round_size(orig, &self.config);
+        let size = common::round_size(orig, self.config.roundup_power2_divisions_for(orig));
         let kind = if size <= SMALL_SIZE { PoolKind::Small } else { PoolKind::Large };
-        let alloc_size = size::allocation_size(size, &self.config);
+        let alloc_size = size::allocation_size(size, self.config.large_segment_size);
 
         let mut found = self.get_free_block(kind, stream, size);
         if found.is_none() {
@@ -142,7 +122,7 @@ impl<D: Device> Engine<D> {
         let max_split = self.config.max_split_size;
         let rounding = self.config.max_non_split_rounding_size;
         let blocks = &self.blocks;
-        let pool = &mut self.pools[pool_index(kind)];
+        let pool = self.pools.get_mut(kind);
         if gc {
             pool.get_free_blocks_call_count += 1;
         }
@@ -251,7 +231,7 @@ impl<D: Device> Engine<D> {
             r.ptr += size;
             r.size -= size;
             let rem_size = r.size;
-            self.pools[pool_index(kind)].insert(&mut self.blocks[rem], rem);
+            self.pools.get_mut(kind).insert(&mut self.blocks[rem], rem);
             if !expandable {
                 if already_split {
                     self.stats.inactive_split_bytes.decrease(kind, size);
@@ -333,7 +313,7 @@ impl<D: Device> Engine<D> {
                 net_bytes -= subsumed as i64;
             }
         }
-        self.pools[pool_index(kind)].insert(&mut self.blocks[id], id);
+        self.pools.get_mut(kind).insert(&mut self.blocks[id], id);
         let b = &self.blocks[id];
         if b.is_split() {
             net_blocks += 1;
@@ -373,9 +353,9 @@ impl<D: Device> Engine<D> {
         }
         let (s_ptr, s_size, s_prev, s_next, s_mapped) = (s.ptr, s.size, s.prev, s.next, s.mapped);
         let removed = if s_mapped {
-            self.pools[pool_index(s.pool)].remove(s, src)
+            self.pools.get_mut(s.pool).remove(s, src)
         } else {
-            self.pools[pool_index(s.pool)].remove_unmapped(s, src)
+            self.pools.get_mut(s.pool).remove_unmapped(s, src)
         };
         debug_assert!(removed, "a free neighbour must be cached");
         if self.blocks[dst].prev == Some(src) {
@@ -414,7 +394,7 @@ impl<D: Device> Engine<D> {
             } else {
                 format!(
                     "Reserved but unallocated memory ({}) is large, so the cache is fragmented: set expandable_segments:True (policy torch-expandable) so free pages can be reused anywhere, or max_split_size_mb:{} to keep large blocks from being split.",
-                    size::format_size(unallocated),
+                    format_size(unallocated),
                     (alloc_size >> 20).max(20)
                 )
             }

@@ -1,5 +1,5 @@
 //! Following a periodic plan: where the `gpumem` policy places the blocks of a training
-//! loop's period at the addresses planned for them (Note [Periodic plans] in `plan.rs`).
+//! loop's period at the addresses planned for them (Note [Periodic plans] in `packed/plan.rs`).
 //!
 //! The plan's *region* is a range of address space above everything else, as large as the
 //! plan needs. Its free space is `Piece::Planned` (mapped) or `Piece::Reserved` (not yet
@@ -19,9 +19,8 @@
 
 use crate::device::{Device, StreamId};
 use crate::error::AllocError;
-use crate::packed::{Packed, Piece};
-use crate::packed_alloc::{chunk_len, MAX_CHUNK};
-use crate::plan::{Entry, Plan, Spot, MAX_MISSES};
+use crate::packed::plan::{Entry, Plan, Spot, MAX_MISSES};
+use crate::packed::{chunk_len, Packed, Piece, MAX_CHUNK};
 
 /// The plan being followed: where its region and holes lie and which request comes next.
 pub(crate) struct ActivePlan {
@@ -310,7 +309,7 @@ impl<D: Device> Packed<D> {
     fn make_room(&mut self, need: u64, keep: (u64, u64)) -> Result<(), AllocError> {
         if self.mapped_bytes + need > self.high_water {
             self.recycle(need, self.high_water, keep)?;
-            if self.config.compaction && self.mapped_bytes + need > self.high_water {
+            if self.config.packed.compaction && self.mapped_bytes + need > self.high_water {
                 self.compact(need, self.high_water, keep)?;
             }
         }

@@ -13,12 +13,12 @@
 //! It never moves live blocks, so a segment holding one small live tensor stays reserved:
 //! that is the "reserved but unallocated" memory of the out-of-memory message.
 
-use crate::block::BlockId;
 use crate::device::{Device, StreamId};
-use crate::engine::{pool_index, Engine};
 use crate::error::AllocError;
-use crate::history::Action;
-use crate::stats::PoolKind;
+use crate::report::history::Action;
+use crate::report::stats::PoolKind;
+use crate::torch::block::BlockId;
+use crate::torch::Engine;
 
 impl<D: Device> Engine<D> {
     /// Records an event on every other stream that used the block; the block returns to the
@@ -111,7 +111,7 @@ impl<D: Device> Engine<D> {
         if size >= self.config.max_split_size {
             self.stats.oversize_segments.decrease(1);
         }
-        let removed = self.pools[pool_index(kind)].remove(&self.blocks[id], id);
+        let removed = self.pools.get_mut(kind).remove(&self.blocks[id], id);
         debug_assert!(removed);
         self.blocks.remove(id);
         Ok(())
@@ -130,7 +130,7 @@ impl<D: Device> Engine<D> {
             return Ok(false);
         }
         let key_size = size.max(max_split);
-        let pool = &self.pools[pool_index(kind)];
+        let pool = self.pools.get(kind);
         let single =
             pool.fitting(stream.0, key_size).find(|k| self.blocks[k.3].expandable.is_none()).copied();
         if let Some(k) = single {

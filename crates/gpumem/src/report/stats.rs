@@ -193,7 +193,7 @@ impl DeviceStats {
     }
 
     /// The first per-pool counter whose `current` value differs from `recounted` (what
-    /// [`crate::recount`] derives from a snapshot), as a sentence naming it and both values;
+    /// [`recount`](crate::recount) derives from a snapshot), as a sentence naming it and both values;
     /// `None` when the bookkeeping agrees.
     pub fn mismatch_with_recount(&self, recounted: &DeviceStats) -> Option<String> {
         for ((name, got), (_, want)) in self.arrays().into_iter().zip(recounted.arrays()) {

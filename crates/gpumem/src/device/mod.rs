@@ -5,6 +5,10 @@
 //! trait, so the same algorithm runs on a real GPU ([`crate::CudaDevice`]) and on the simulated
 //! one ([`crate::SimDevice`]) that the tests, the replay engine and GPU-less machines use.
 
+pub(crate) mod cuda;
+pub(crate) mod events;
+pub(crate) mod sim;
+
 use std::fmt;
 
 /// A stream handle. `StreamId(0)` is the default (legacy) stream; any other value names one
@@ -62,7 +66,7 @@ pub enum DeviceError {
 /// Implementations must hand out non-overlapping address ranges and keep their own state
 /// behind `&self` (they are shared between the engine and, for the simulated device, the test
 /// that drives it).
-pub trait Device: Send + Sync {
+pub trait Device: Send + Sync + 'static {
     /// A short name for messages, such as `"sim"` or `"NVIDIA H100 80GB HBM3"`.
     fn name(&self) -> String;
     /// The device index used in messages (`GPU 0`).
@@ -99,7 +103,7 @@ pub trait Device: Send + Sync {
     /// it runs. Like [`Device::unmap`] it does not wait for the GPU: the caller must make sure
     /// no work uses the range. It returns once its copies are done, leaving no work of its own
     /// on the GPU. This is how the `gpumem` policy gives back the free pages of a chunk that
-    /// still holds live blocks (Note \[Compaction\] in `compact.rs`).
+    /// still holds live blocks (Note \[Compaction\] in `packed/compact.rs`).
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError>;
 
     /// [`Device::remap`] without holding both allocations at once: the bytes `save` names
@@ -108,7 +112,7 @@ pub trait Device: Send + Sync {
     /// allocation is released, the new ones are mapped, and the saved bytes are copied back.
     /// Bytes of `keep` not saved are not kept. Memory never rises above what was held
     /// before, which is what lets compaction run when memory is at its peak (Note [The
-    /// copy's memory] in `compact.rs`). The same waiting rules as for `remap` apply before
+    /// copy's memory] in `packed/compact.rs`). The same waiting rules as for `remap` apply before
     /// it; after it, the copies back may still be running, in order on the device's default
     /// stream: the caller waits for the device (`synchronize_device`) before anything but
     /// another remap uses the staging area, the kept bytes or any memory it unmaps. A device

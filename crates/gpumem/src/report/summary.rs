@@ -8,7 +8,7 @@
 //! 750 K. Tools parse this table, so it reproduces PyTorch's `memory.py` exactly, quirks
 //! included.
 
-use crate::stats::{DeviceStats, Stat, StatArray};
+use crate::report::stats::{DeviceStats, Stat, StatArray};
 
 fn format_size(mut sz: i64, pref: i64) -> String {
     let prefixes = ["B  ", "KiB", "MiB", "GiB", "TiB", "PiB"];

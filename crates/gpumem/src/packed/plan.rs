@@ -29,7 +29,7 @@
 //! Blocks that live longer than a period (weights, optimizer state) are not planned: they
 //! are placed by best fit, outside the region.
 
-use crate::engine::PtrMap;
+use crate::common::PtrMap;
 use std::collections::VecDeque;
 
 /// The requests hashed together to find a repeat.
