@@ -1,10 +1,14 @@
-//! GPU tests: the engine on the real device. Without a CUDA driver each test reports itself
-//! skipped, by name. `scripts/gpu-test.sh` runs them on a GPU machine.
+//! GPU tests: the engine on the real device. `scripts/gpu-test.sh` runs them on a GPU machine.
 //!
-//! This file has its own `main` (no libtest harness) so that a skip is printed even when the
-//! run passes, and it ends with a plain "N passed, N failed, N skipped" line.
+//! A `harness = false` test run by libtest-mimic: each test is a trial of its own (filters,
+//! `--exact`, `--list`, `--ignored`, `--include-ignored`, `--test-threads` work as with
+//! libtest). Where no CUDA driver library loads, every trial is ignored and a line says why;
+//! where the driver loads but GPU 0 does not open (`cuInit` or context creation fails, no
+//! GPU), every trial fails with that error. The trials run one at a time unless
+//! `--test-threads` says otherwise: they measure the driver's free memory.
 
 use gpumem::{AllocError, Allocator, AllocatorConfig, CudaAllocator, CudaDevice, Device, StreamId, Tensor};
+use libtest_mimic::{Arguments, Failed, Trial};
 use std::sync::Arc;
 
 /// GPU 0. `main` runs the tests only where it opens.
@@ -506,32 +510,44 @@ fn main() {
         ("gpu_gpumem_periodic_plan_keeps_tensors_intact", gpu_gpumem_periodic_plan_keeps_tensors_intact),
         ("gpu_global_api_and_every_gpu", gpu_global_api_and_every_gpu),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-    let no_gpu = CudaDevice::new(0).err();
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
+    let mut args = Arguments::from_args();
+    // one at a time by default: the tests measure the driver's free memory
+    args.test_threads = args.test_threads.or(Some(1));
+    // Where no driver library loads (`CudaDevice::new` would say `DeviceError::NoDriver`), every
+    // test is ignored. Otherwise GPU 0 must open, as before, checked once (not for `--list`):
+    // any error, or a panic in the driver's bindings (a symbol the loaded library lacks),
+    // means a broken driver, and every test fails with it.
+    let no_driver = !gpumem::driver_present();
+    let broken = if no_driver || args.list {
+        None
+    } else {
+        match std::panic::catch_unwind(|| CudaDevice::new(0)) {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(p) => Some(match (p.downcast_ref::<String>(), p.downcast_ref::<&str>()) {
+                (Some(m), _) => format!("opening it panicked: {m}"),
+                (_, Some(m)) => format!("opening it panicked: {m}"),
+                _ => "opening it panicked".to_string(),
+            }),
         }
-        if let Some(why) = &no_gpu {
-            println!("test {name} ... skipped ({why})");
-            skipped += 1;
-            continue;
-        }
-        let t = std::time::Instant::now();
-        match std::panic::catch_unwind(test) {
-            Ok(()) => {
-                println!("test {name} ... ok ({:.2} s)", t.elapsed().as_secs_f64());
-                passed += 1;
-            }
-            Err(_) => {
-                println!("test {name} ... FAILED");
-                failed += 1;
-            }
-        }
+    };
+    if no_driver && !args.list {
+        eprintln!("gpu tests: no CUDA driver found (libcuda did not load): every GPU test is ignored");
     }
-    println!("{passed} passed, {failed} failed, {skipped} skipped");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| match &broken {
+            Some(e) => {
+                let why = format!("a CUDA driver loads, but GPU 0 did not open: {e}");
+                Trial::test(name, move || Err(Failed::from(why)))
+            }
+            // without a driver library they are ignored (`--ignored` runs them, and they fail)
+            None => Trial::test(name, move || {
+                test();
+                Ok(())
+            })
+            .with_ignored_flag(no_driver),
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
 }
