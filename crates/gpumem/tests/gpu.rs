@@ -7,7 +7,9 @@
 //! GPU), every trial fails with that error. The trials run one at a time unless
 //! `--test-threads` says otherwise: they measure the driver's free memory.
 
-use gpumem::{AllocError, Allocator, AllocatorConfig, CudaAllocator, CudaDevice, Device, StreamId, Tensor};
+use gpumem::{
+    AllocError, Allocator, AllocatorConfig, CudaAllocator, CudaDevice, Device, PolicyKind, StreamId, Tensor,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::sync::Arc;
 
@@ -16,8 +18,12 @@ fn gpu() -> CudaDevice {
     CudaDevice::new(0).expect("GPU 0 opened when main checked")
 }
 
+/// An allocator with the options `conf`, under PyTorch's algorithm unless they name another
+/// policy (the library's default is the gpumem policy; tests name it where they mean it).
 fn allocator(dev: CudaDevice, conf: &str) -> Arc<CudaAllocator> {
-    Arc::new(Allocator::new(dev, AllocatorConfig::parse(conf).unwrap()).unwrap())
+    let mut config = AllocatorConfig::parse(conf).unwrap();
+    config.settle_policy(PolicyKind::Torch).unwrap();
+    Arc::new(Allocator::new(dev, config).unwrap())
 }
 
 struct Lcg(u64);
