@@ -11,7 +11,7 @@
 //!   out-of-memory error) in the same call was the program calling `empty_cache()`, and is
 //!   replayed as such.
 
-use crate::trace::{Event, Trace};
+use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
 use std::collections::HashMap;
 

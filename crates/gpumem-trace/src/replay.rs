@@ -2,70 +2,14 @@
 //! reports what it reserved, how often it called the device, and how fast it was.
 
 use crate::contents::{stamps_intact, write_stamps};
+use crate::device::ReplayDevice;
+use crate::error::Location;
+use crate::model::{Event, Trace};
 use crate::plan::{plan, Op, Plan, Skip};
-use crate::trace::Trace;
-use gpumem::{AllocError, Allocator, Device, DeviceError, Policy, PolicyKind, SimDevice, StreamId};
+use gpumem::{Action, AllocError, Allocator, Policy, PolicyKind, StreamId};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
-
-/// What a replay needs from a device beyond [`Device`]: side streams whose completion it
-/// controls, preset segment addresses, and call counts.
-pub trait ReplayDevice: Device + Clone {
-    /// "sim" or "cuda".
-    fn kind(&self) -> &'static str;
-    /// A stream standing for "the other stream" that still used allocation `id` when it was
-    /// freed.
-    fn side_stream(&self, id: u32) -> StreamId;
-    /// Marks the work on a side stream as done.
-    fn complete_side(&self, stream: StreamId);
-    /// Asks the device to hand out these (size, address) pairs for its next segments, where
-    /// it can. Returns whether it will.
-    fn preset_addresses(&self, segments: &[(u64, u64)]) -> bool;
-    /// Segment allocations so far as (size, address).
-    fn malloc_log(&self) -> Vec<(u64, u64)>;
-    /// Page map and unmap calls so far.
-    fn map_counts(&self) -> (u64, u64);
-    /// Seconds spent in the driver's memory calls so far, where the device measures them (a
-    /// GPU; the simulated device's calls take no real time).
-    fn memory_call_seconds(&self) -> Option<f64> {
-        None
-    }
-    /// Writes the 8-byte word `value` at `addr` (for `check_contents`).
-    fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError>;
-    /// Reads the 8-byte word at `addr`; `None` where the memory under it is gone (the
-    /// simulated device knows; a GPU would fault or read garbage).
-    fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError>;
-}
-
-impl ReplayDevice for SimDevice {
-    fn kind(&self) -> &'static str {
-        "sim"
-    }
-    fn side_stream(&self, id: u32) -> StreamId {
-        StreamId((1 << 62) | id as u64)
-    }
-    fn complete_side(&self, stream: StreamId) {
-        self.complete_stream(stream);
-    }
-    fn preset_addresses(&self, segments: &[(u64, u64)]) -> bool {
-        SimDevice::preset_addresses(self, segments.iter().copied());
-        true
-    }
-    fn malloc_log(&self) -> Vec<(u64, u64)> {
-        SimDevice::malloc_log(self)
-    }
-    fn map_counts(&self) -> (u64, u64) {
-        let c = self.counters();
-        (c.maps, c.unmaps)
-    }
-    fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError> {
-        self.write_tag(addr, value)
-    }
-    fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError> {
-        Ok(self.read_tag(addr))
-    }
-}
 
 /// How to replay.
 #[derive(Clone, Debug, Default)]
@@ -408,14 +352,8 @@ fn run<D: ReplayDevice>(
     Ok(report)
 }
 
-fn gpumem_event(size: u64, addr: u64, stream: StreamId) -> crate::trace::Event {
-    crate::trace::Event {
-        action: gpumem::Action::Alloc,
-        addr,
-        size,
-        stream,
-        origin: crate::error::Location::File,
-    }
+fn gpumem_event(size: u64, addr: u64, stream: StreamId) -> Event {
+    Event { action: Action::Alloc, addr, size, stream, origin: Location::File }
 }
 
 /// The stats keys where a replay differs from the recorded run: (key, recorded, replayed).

@@ -2,7 +2,7 @@
 //! `allocate`, `free` and `allocate failure`, hex pointers and hex streams.
 
 use crate::error::{Location, TraceError};
-use crate::trace::{Event, Trace};
+use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
 
 fn hex(s: &str) -> Option<u64> {
@@ -13,7 +13,8 @@ fn hex(s: &str) -> Option<u64> {
     u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()
 }
 
-pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
+/// Reads the events of RMM log `data`; `path` is used in messages.
+pub(super) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
     let text = std::str::from_utf8(data)
         .map_err(|e| TraceError::new(path, Location::Byte(e.valid_up_to() as u64), "not UTF-8 text"))?;
     let mut trace = Trace { path: path.to_string(), ..Default::default() };
