@@ -17,23 +17,23 @@
 
 // Modules depend on each other in one direction only, so that each can be read and changed
 // without the ones above it: `error` and `model` (plain data) at the bottom; `read`, `write`
-// and `plan` over them; `device` (the replay's view of a device) on its own; `contents`,
+// and `schedule` over them; `device` (the replay's view of a device) on its own; `contents`,
 // `cuda` and `replay` over `device`.
 mod contents;
 mod cuda;
 mod device;
 mod error;
 mod model;
-mod plan;
 mod read;
 mod replay;
+mod schedule;
 mod write;
 
 pub use cuda::CudaReplayDevice;
 pub use device::ReplayDevice;
 pub use error::{Location, TraceError};
 pub use model::{Event, Format, Trace};
-pub use plan::{plan, Op, Plan, Skip};
 pub use read::{detect, read_trace, read_trace_bytes};
 pub use replay::{replay, replay_into, stats_differences, ReplayError, ReplayOptions, ReplayReport};
+pub use schedule::{schedule, Op, Schedule, Skip};
 pub use write::{write_jsonl, write_snapshot};

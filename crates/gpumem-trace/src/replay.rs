@@ -5,7 +5,7 @@ use crate::contents::{stamps_intact, write_stamps};
 use crate::device::ReplayDevice;
 use crate::error::Location;
 use crate::model::{Event, Trace};
-use crate::plan::{plan, Op, Plan, Skip};
+use crate::schedule::{schedule, Op, Schedule, Skip};
 use gpumem::{Action, AllocError, Allocator, Policy, PolicyKind, StreamId};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -162,7 +162,7 @@ pub fn replay<D: ReplayDevice + 'static>(
 #[allow(clippy::too_many_arguments)]
 fn run<D: ReplayDevice>(
     trace: &Trace,
-    plan: &Plan,
+    schedule: &Schedule,
     policy: &Policy,
     device: &D,
     alloc: &Allocator<D>,
@@ -173,13 +173,13 @@ fn run<D: ReplayDevice>(
 ) -> Result<ReplayReport, ReplayError> {
     let strict = opts.strict;
     let stop_after = opts.stop_after.unwrap_or(u64::MAX);
-    let n = plan.allocs as usize;
+    let n = schedule.allocs as usize;
     let mut ptrs = vec![0u64; n];
     let mut sizes = vec![0u64; n];
     let mut failed = vec![false; n];
-    let mut skipped: Vec<Skip> = plan.skipped.clone();
+    let mut skipped: Vec<Skip> = schedule.skipped.clone();
     let is_op = |op: &Op| matches!(op, Op::Alloc { .. } | Op::Free { .. } | Op::Complete { .. });
-    let total_ops = plan.ops.iter().filter(|o| is_op(o)).count() as u64;
+    let total_ops = schedule.ops.iter().filter(|o| is_op(o)).count() as u64;
     let mid = total_ops / 2;
     let (mut done, mut live_requested, mut peak_requested) = (0u64, 0u64, 0u64);
     let (mut ooms, mut allocs_matched, mut empty_cache_calls, mut peak_op) = (0u64, 0u64, 0u64, 0u64);
@@ -202,7 +202,7 @@ fn run<D: ReplayDevice>(
         }
         Ok(())
     };
-    for op in &plan.ops {
+    for op in &schedule.ops {
         if is_op(op) {
             if done >= stop_after {
                 break;
@@ -338,10 +338,10 @@ fn run<D: ReplayDevice>(
     }
     if verify {
         let ours = device.malloc_log();
-        let matched = ours.iter().zip(&plan.segments).filter(|(a, b)| a.0 == b.0).count();
-        report.segments_expected = Some(plan.segments.len() as u64);
+        let matched = ours.iter().zip(&schedule.segments).filter(|(a, b)| a.0 == b.0).count();
+        report.segments_expected = Some(schedule.segments.len() as u64);
         report.segments_matched = Some(matched as u64);
-        report.allocs_expected = Some(plan.allocs as u64);
+        report.allocs_expected = Some(schedule.allocs as u64);
         report.allocs_matched = Some(allocs_matched);
         if let Some(want) = &trace.stats {
             let differ = stats_differences(trace, &alloc.memory_stats()).len();
@@ -378,19 +378,20 @@ pub fn replay_into<D: ReplayDevice + 'static>(
     opts: &ReplayOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(ReplayReport, Allocator<D>), ReplayError> {
-    let plan = plan(trace);
+    let schedule = schedule(trace);
     if opts.strict {
-        if let Some(s) = plan.skipped.first() {
+        if let Some(s) = schedule.skipped.first() {
             return Err(inconsistent(trace, s));
         }
     }
     // Addresses can be checked only where the device can hand out the trace's own.
-    let verify = opts.verify && policy.kind == PolicyKind::Torch && device.preset_addresses(&plan.segments);
+    let verify =
+        opts.verify && policy.kind == PolicyKind::Torch && device.preset_addresses(&schedule.segments);
     let (_, capacity) = device.mem_get_info().map_err(AllocError::from)?;
     let alloc = Allocator::with_policy(device.clone(), policy)?;
     if opts.record_history {
         alloc.record_history(true, usize::MAX);
     }
-    let report = run(trace, &plan, policy, &device, &alloc, capacity, verify, opts, progress)?;
+    let report = run(trace, &schedule, policy, &device, &alloc, capacity, verify, opts, progress)?;
     Ok((report, alloc))
 }
