@@ -108,24 +108,31 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
 }
 
 fn print_table(rows: &[ReplayReport], verify: bool) {
-    let mut lines = vec![vec![
-        "trace".to_string(),
-        "policy".into(),
-        "ops".into(),
-        "peak live".into(),
-        "peak reserved".into(),
-        "ratio".into(),
-        "dev allocs".into(),
-        "dev frees".into(),
-        "OOMs".into(),
-        "seconds".into(),
-        "in driver".into(),
-        "steady ns/op".into(),
-    ]];
+    let mut header = vec![
+        "trace",
+        "policy",
+        "ops",
+        "peak live",
+        "peak reserved",
+        "ratio",
+        "dev allocs",
+        "dev frees",
+        "OOMs",
+        "seconds",
+        "in driver",
+        "steady ns/op",
+    ];
     if verify {
-        lines[0].push("segments".into());
-        lines[0].push("addresses".into());
+        header.extend(["segments", "addresses"]);
     }
+    let mut table = comfy_table::Table::new();
+    // No borders: only a rule under the header, as plain as a Unix tool's output, so that it
+    // reads the same in a log file and greps by row. A column's right padding and the space
+    // where a vertical line would be keep two spaces between columns.
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_style(comfy_table::TableComponent::HeaderLines, '-');
+    table.set_style(comfy_table::TableComponent::MiddleHeaderIntersections, ' ');
+    table.set_header(header);
     for r in rows {
         let mut l = vec![
             r.trace.clone(),
@@ -149,27 +156,16 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
             l.push(pair(r.segments_matched, r.segments_expected));
             l.push(pair(r.allocs_matched, r.allocs_expected));
         }
-        lines.push(l);
+        table.add_row(l);
     }
-    let widths: Vec<usize> =
-        (0..lines[0].len()).map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0)).collect();
-    for (i, l) in lines.iter().enumerate() {
-        let cells: Vec<String> =
-            l.iter()
-                .enumerate()
-                .map(|(c, s)| {
-                    if c < 2 {
-                        format!("{s:<w$}", w = widths[c])
-                    } else {
-                        format!("{s:>w$}", w = widths[c])
-                    }
-                })
-                .collect();
-        println!("{}", cells.join("  ").trim_end());
-        if i == 0 {
-            println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, 1));
+        // names to the left, figures to the right
+        if i >= 2 {
+            column.set_cell_alignment(comfy_table::CellAlignment::Right);
         }
     }
+    println!("{}", table.trim_fmt());
     for r in rows {
         if r.skipped > 0 {
             let why: Vec<String> = r.skipped_reasons.iter().map(|(k, v)| format!("{v} × {k}")).collect();

@@ -9,7 +9,7 @@
 //! it was told to; on a GPU they are written and read one by one with synchronous copies, so
 //! a checked replay there is slow and its timings mean nothing.
 
-use crate::replay::ReplayDevice;
+use crate::device::ReplayDevice;
 use gpumem::DeviceError;
 
 /// The page size the stamps follow (the GPU's mapping granularity).

@@ -1,6 +1,6 @@
 //! Replaying on the real GPU.
 
-use crate::replay::ReplayDevice;
+use crate::device::ReplayDevice;
 use gpumem::{CudaDevice, Device, DeviceError, EventId, StreamId};
 use std::sync::Arc;
 

@@ -15,23 +15,25 @@
 //! ```
 #![warn(missing_docs)]
 
+// Modules depend on each other in one direction only, so that each can be read and changed
+// without the ones above it: `error` and `model` (plain data) at the bottom; `read`, `write`
+// and `schedule` over them; `device` (the replay's view of a device) on its own; `contents`,
+// `cuda` and `replay` over `device`.
 mod contents;
 mod cuda;
-mod dump;
+mod device;
 mod error;
-mod jsonl;
-mod pickle;
-mod plan;
+mod model;
+mod read;
 mod replay;
-mod rmm;
-mod trace;
+mod schedule;
+mod write;
 
 pub use cuda::CudaReplayDevice;
-pub use dump::write_snapshot;
+pub use device::ReplayDevice;
 pub use error::{Location, TraceError};
-pub use jsonl::write_jsonl;
-pub use plan::{plan, Op, Plan, Skip};
-pub use replay::{
-    replay, replay_into, stats_differences, ReplayDevice, ReplayError, ReplayOptions, ReplayReport,
-};
-pub use trace::{detect, read_trace, read_trace_bytes, Event, Format, Trace};
+pub use model::{Event, Format, Trace};
+pub use read::{detect, read_trace, read_trace_bytes};
+pub use replay::{replay, replay_into, stats_differences, ReplayError, ReplayOptions, ReplayReport};
+pub use schedule::{schedule, Op, Schedule, Skip};
+pub use write::{write_jsonl, write_snapshot};

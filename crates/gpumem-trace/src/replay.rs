@@ -2,70 +2,14 @@
 //! reports what it reserved, how often it called the device, and how fast it was.
 
 use crate::contents::{stamps_intact, write_stamps};
-use crate::plan::{plan, Op, Plan, Skip};
-use crate::trace::Trace;
-use gpumem::{AllocError, Allocator, Device, DeviceError, Policy, PolicyKind, SimDevice, StreamId};
+use crate::device::ReplayDevice;
+use crate::error::Location;
+use crate::model::{Event, Trace};
+use crate::schedule::{schedule, Op, Schedule, Skip};
+use gpumem::{Action, AllocError, Allocator, Policy, PolicyKind, StreamId};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
-
-/// What a replay needs from a device beyond [`Device`]: side streams whose completion it
-/// controls, preset segment addresses, and call counts.
-pub trait ReplayDevice: Device + Clone {
-    /// "sim" or "cuda".
-    fn kind(&self) -> &'static str;
-    /// A stream standing for "the other stream" that still used allocation `id` when it was
-    /// freed.
-    fn side_stream(&self, id: u32) -> StreamId;
-    /// Marks the work on a side stream as done.
-    fn complete_side(&self, stream: StreamId);
-    /// Asks the device to hand out these (size, address) pairs for its next segments, where
-    /// it can. Returns whether it will.
-    fn preset_addresses(&self, segments: &[(u64, u64)]) -> bool;
-    /// Segment allocations so far as (size, address).
-    fn malloc_log(&self) -> Vec<(u64, u64)>;
-    /// Page map and unmap calls so far.
-    fn map_counts(&self) -> (u64, u64);
-    /// Seconds spent in the driver's memory calls so far, where the device measures them (a
-    /// GPU; the simulated device's calls take no real time).
-    fn memory_call_seconds(&self) -> Option<f64> {
-        None
-    }
-    /// Writes the 8-byte word `value` at `addr` (for `check_contents`).
-    fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError>;
-    /// Reads the 8-byte word at `addr`; `None` where the memory under it is gone (the
-    /// simulated device knows; a GPU would fault or read garbage).
-    fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError>;
-}
-
-impl ReplayDevice for SimDevice {
-    fn kind(&self) -> &'static str {
-        "sim"
-    }
-    fn side_stream(&self, id: u32) -> StreamId {
-        StreamId((1 << 62) | id as u64)
-    }
-    fn complete_side(&self, stream: StreamId) {
-        self.complete_stream(stream);
-    }
-    fn preset_addresses(&self, segments: &[(u64, u64)]) -> bool {
-        SimDevice::preset_addresses(self, segments.iter().copied());
-        true
-    }
-    fn malloc_log(&self) -> Vec<(u64, u64)> {
-        SimDevice::malloc_log(self)
-    }
-    fn map_counts(&self) -> (u64, u64) {
-        let c = self.counters();
-        (c.maps, c.unmaps)
-    }
-    fn write_word(&self, addr: u64, value: u64) -> Result<(), DeviceError> {
-        self.write_tag(addr, value)
-    }
-    fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError> {
-        Ok(self.read_tag(addr))
-    }
-}
 
 /// How to replay.
 #[derive(Clone, Debug, Default)]
@@ -218,7 +162,7 @@ pub fn replay<D: ReplayDevice + 'static>(
 #[allow(clippy::too_many_arguments)]
 fn run<D: ReplayDevice>(
     trace: &Trace,
-    plan: &Plan,
+    schedule: &Schedule,
     policy: &Policy,
     device: &D,
     alloc: &Allocator<D>,
@@ -229,13 +173,13 @@ fn run<D: ReplayDevice>(
 ) -> Result<ReplayReport, ReplayError> {
     let strict = opts.strict;
     let stop_after = opts.stop_after.unwrap_or(u64::MAX);
-    let n = plan.allocs as usize;
+    let n = schedule.allocs as usize;
     let mut ptrs = vec![0u64; n];
     let mut sizes = vec![0u64; n];
     let mut failed = vec![false; n];
-    let mut skipped: Vec<Skip> = plan.skipped.clone();
+    let mut skipped: Vec<Skip> = schedule.skipped.clone();
     let is_op = |op: &Op| matches!(op, Op::Alloc { .. } | Op::Free { .. } | Op::Complete { .. });
-    let total_ops = plan.ops.iter().filter(|o| is_op(o)).count() as u64;
+    let total_ops = schedule.ops.iter().filter(|o| is_op(o)).count() as u64;
     let mid = total_ops / 2;
     let (mut done, mut live_requested, mut peak_requested) = (0u64, 0u64, 0u64);
     let (mut ooms, mut allocs_matched, mut empty_cache_calls, mut peak_op) = (0u64, 0u64, 0u64, 0u64);
@@ -258,7 +202,7 @@ fn run<D: ReplayDevice>(
         }
         Ok(())
     };
-    for op in &plan.ops {
+    for op in &schedule.ops {
         if is_op(op) {
             if done >= stop_after {
                 break;
@@ -394,10 +338,10 @@ fn run<D: ReplayDevice>(
     }
     if verify {
         let ours = device.malloc_log();
-        let matched = ours.iter().zip(&plan.segments).filter(|(a, b)| a.0 == b.0).count();
-        report.segments_expected = Some(plan.segments.len() as u64);
+        let matched = ours.iter().zip(&schedule.segments).filter(|(a, b)| a.0 == b.0).count();
+        report.segments_expected = Some(schedule.segments.len() as u64);
         report.segments_matched = Some(matched as u64);
-        report.allocs_expected = Some(plan.allocs as u64);
+        report.allocs_expected = Some(schedule.allocs as u64);
         report.allocs_matched = Some(allocs_matched);
         if let Some(want) = &trace.stats {
             let differ = stats_differences(trace, &alloc.memory_stats()).len();
@@ -408,14 +352,8 @@ fn run<D: ReplayDevice>(
     Ok(report)
 }
 
-fn gpumem_event(size: u64, addr: u64, stream: StreamId) -> crate::trace::Event {
-    crate::trace::Event {
-        action: gpumem::Action::Alloc,
-        addr,
-        size,
-        stream,
-        origin: crate::error::Location::File,
-    }
+fn gpumem_event(size: u64, addr: u64, stream: StreamId) -> Event {
+    Event { action: Action::Alloc, addr, size, stream, origin: Location::File }
 }
 
 /// The stats keys where a replay differs from the recorded run: (key, recorded, replayed).
@@ -440,19 +378,20 @@ pub fn replay_into<D: ReplayDevice + 'static>(
     opts: &ReplayOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(ReplayReport, Allocator<D>), ReplayError> {
-    let plan = plan(trace);
+    let schedule = schedule(trace);
     if opts.strict {
-        if let Some(s) = plan.skipped.first() {
+        if let Some(s) = schedule.skipped.first() {
             return Err(inconsistent(trace, s));
         }
     }
     // Addresses can be checked only where the device can hand out the trace's own.
-    let verify = opts.verify && policy.kind == PolicyKind::Torch && device.preset_addresses(&plan.segments);
+    let verify =
+        opts.verify && policy.kind == PolicyKind::Torch && device.preset_addresses(&schedule.segments);
     let (_, capacity) = device.mem_get_info().map_err(AllocError::from)?;
     let alloc = Allocator::with_policy(device.clone(), policy)?;
     if opts.record_history {
         alloc.record_history(true, usize::MAX);
     }
-    let report = run(trace, &plan, policy, &device, &alloc, capacity, verify, opts, progress)?;
+    let report = run(trace, &schedule, policy, &device, &alloc, capacity, verify, opts, progress)?;
     Ok((report, alloc))
 }

@@ -146,9 +146,9 @@ fn stream_waits_are_modelled() {
     // offload_side_stream frees blocks that a side stream still reads: replayed immediately,
     // they would be reused too early and PyTorch's addresses would not match
     let trace = read_trace(&data("offload_side_stream.jsonl.gz")).unwrap();
-    let plan = gpumem_trace::plan(&trace);
-    let deferred = plan.ops.iter().filter(|o| matches!(o, gpumem_trace::Op::FreeDeferred { .. })).count();
-    let completed = plan.ops.iter().filter(|o| matches!(o, gpumem_trace::Op::Complete { .. })).count();
+    let schedule = gpumem_trace::schedule(&trace);
+    let deferred = schedule.ops.iter().filter(|o| matches!(o, gpumem_trace::Op::FreeDeferred { .. })).count();
+    let completed = schedule.ops.iter().filter(|o| matches!(o, gpumem_trace::Op::Complete { .. })).count();
     assert_eq!((deferred, completed), (31, 19));
     // the 12 frees the trace never completed stay pending, as in the recorded run
     assert_eq!(deferred - completed, 4152 - 4140);

@@ -77,6 +77,12 @@ fn reads_rmm_logs() {
         err(bad.as_bytes()),
         "bad.trace: line 2: bad size \"lots\" (a non-negative integer is expected)"
     );
+    // blank lines are skipped but counted, and a short record names what RMM writes
+    let short = "Thread,Time,Action,Pointer,Size,Stream\n\n   \n1,08:00:00.000001,allocate,0x7f00,4096\n";
+    assert_eq!(
+        err(short.as_bytes()),
+        "bad.trace: line 4: expected 6 columns (Thread,Time,Action,Pointer,Size,Stream), found 5"
+    );
 }
 
 #[test]

@@ -1,67 +1,16 @@
-//! The in-memory form of a trace, and reading one from any supported format.
+//! Reading a trace from any supported format, told apart by its content.
+//!
+//! Each format has its own module that turns the (decompressed) bytes into a
+//! [`Trace`]; this one only decompresses, detects and dispatches, and checks what holds for
+//! every format (not empty, has allocator events).
+
+mod jsonl;
+mod pickle;
+mod rmm;
 
 use crate::error::{Location, TraceError};
-use gpumem::{Action, StreamId};
-use std::collections::BTreeMap;
+use crate::model::{Format, Trace};
 use std::io::Read;
-
-/// One allocator event of a trace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Event {
-    /// What happened.
-    pub action: Action,
-    /// The address (for `Oom`, the device's free bytes).
-    pub addr: u64,
-    /// For allocs and frees the requested size; for segments the segment size.
-    pub size: u64,
-    /// The stream.
-    pub stream: StreamId,
-    /// Where the event came from in the file (a line, or an entry index).
-    pub origin: Location,
-}
-
-/// The formats gpumem reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// gpumem's JSON lines (`{"a": ..., "p": ..., "s": ..., "t": ...}`), plain or gzip'd.
-    JsonLines,
-    /// A `torch.cuda.memory._dump_snapshot()` pickle (its `device_traces`).
-    SnapshotPickle,
-    /// RAPIDS RMM's logging adaptor CSV.
-    RmmCsv,
-}
-
-impl Format {
-    /// A short name for messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::JsonLines => "JSON lines",
-            Format::SnapshotPickle => "PyTorch snapshot pickle",
-            Format::RmmCsv => "RMM log CSV",
-        }
-    }
-}
-
-/// A trace: the events, in order, and what the file says of the recorded run.
-#[derive(Clone, Debug, Default)]
-pub struct Trace {
-    /// The file it was read from.
-    pub path: String,
-    /// The events in recorded order.
-    pub events: Vec<Event>,
-    /// The recorded run's own `memory_stats()`, where the file has them.
-    pub stats: Option<BTreeMap<String, i64>>,
-}
-
-impl Trace {
-    /// The file's base name.
-    pub fn name(&self) -> String {
-        std::path::Path::new(&self.path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.path.clone())
-    }
-}
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
@@ -108,9 +57,9 @@ pub fn read_trace_bytes(path: &str, raw: &[u8]) -> Result<Trace, TraceError> {
         return Err(TraceError::new(path, Location::File, "the file is empty"));
     }
     let trace = match detect(&data) {
-        Some(Format::JsonLines) => crate::jsonl::parse(path, &data)?,
-        Some(Format::SnapshotPickle) => crate::pickle::parse(path, &data)?,
-        Some(Format::RmmCsv) => crate::rmm::parse(path, &data)?,
+        Some(Format::JsonLines) => jsonl::parse(path, &data)?,
+        Some(Format::SnapshotPickle) => pickle::parse(path, &data)?,
+        Some(Format::RmmCsv) => rmm::parse(path, &data)?,
         None => {
             return Err(TraceError::new(
                 path,

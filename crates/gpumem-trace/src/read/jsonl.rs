@@ -1,12 +1,11 @@
-//! The JSON-lines trace format: `{"a": action, "p": address, "s": size, "t": stream, "us": time}`
+//! Reading the JSON-lines trace format: `{"a": action, "p": address, "s": size, "t": stream, "us": time}`
 //! per line; an optional last line `{"summary": {...}, "stats": {...}}`.
 
 use crate::error::{Location, TraceError};
-use crate::trace::{Event, Trace};
+use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::io::Write;
 
 #[derive(Deserialize)]
 struct Line {
@@ -31,7 +30,9 @@ fn unsigned(v: &Option<serde_json::Value>, field: &str) -> Result<u64, String> {
     }
 }
 
-pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
+/// Reads the events (and the recorded run's stats, where the last line has them) of
+/// JSON-lines `data`; `path` is used in messages.
+pub(super) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
     let text = std::str::from_utf8(data)
         .map_err(|e| TraceError::new(path, Location::Byte(e.valid_up_to() as u64), "not UTF-8 text"))?;
     let mut trace = Trace { path: path.to_string(), ..Default::default() };
@@ -66,22 +67,4 @@ pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
         trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Line(n) });
     }
     Ok(trace)
-}
-
-#[derive(Serialize)]
-struct OutLine {
-    a: &'static str,
-    p: u64,
-    s: u64,
-    t: u64,
-}
-
-/// Writes events as JSON lines (plain; pipe through gzip for `.gz`).
-pub fn write_jsonl(events: &[Event], mut out: impl Write) -> std::io::Result<()> {
-    for e in events {
-        let line = OutLine { a: e.action.name(), p: e.addr, s: e.size, t: e.stream.0 };
-        serde_json::to_writer(&mut out, &line)?;
-        out.write_all(b"\n")?;
-    }
-    Ok(())
 }

@@ -7,7 +7,7 @@
 //! an error naming the entry rather than a silent zero.
 
 use crate::error::{Location, TraceError};
-use crate::trace::{Event, Trace};
+use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
 use serde::Deserialize;
 
@@ -26,7 +26,9 @@ struct Entry {
     stream: Option<i64>,
 }
 
-pub(crate) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
+/// Reads the allocator events of the first device that has any in snapshot pickle `data`;
+/// `path` is used in messages.
+pub(super) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
     let opts = serde_pickle::DeOptions::new().replace_recursive_structures();
     let snap: Snapshot = serde_pickle::from_slice(data, opts).map_err(|e| {
         let location = match &e {

@@ -1,4 +1,5 @@
-//! Turning a trace's events into the operations a replay performs.
+//! A replay's schedule: the operations it performs, built from a trace's events. (Called a
+//! schedule so that "plan" keeps naming one thing only, the `gpumem` policy's periodic plan.)
 //!
 //! A trace records what PyTorch did; a replay needs what the *program* did. So:
 //! - `alloc` is an allocation of the requested size on its stream;
@@ -11,7 +12,7 @@
 //!   out-of-memory error) in the same call was the program calling `empty_cache()`, and is
 //!   replayed as such.
 
-use crate::trace::{Event, Trace};
+use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
 use std::collections::HashMap;
 
@@ -57,9 +58,9 @@ pub struct Skip {
     pub event: Event,
 }
 
-/// What to replay, and what to check it against.
+/// A replay's schedule: what to replay, and what to check it against.
 #[derive(Clone, Debug, Default)]
-pub struct Plan {
+pub struct Schedule {
     /// The operations in order.
     pub ops: Vec<Op>,
     /// The trace's `segment_alloc` events as (size, address), in order.
@@ -70,10 +71,11 @@ pub struct Plan {
     pub allocs: u32,
 }
 
-/// Builds the operations of `trace`.
-pub fn plan(trace: &Trace) -> Plan {
+/// Builds the schedule of `trace`: its operations, and the segments and skipped events
+/// that come with them.
+pub fn schedule(trace: &Trace) -> Schedule {
     let ev = &trace.events;
-    let mut p = Plan::default();
+    let mut s = Schedule::default();
     let mut live: HashMap<u64, u32> = HashMap::new();
     let mut pending: HashMap<u64, u32> = HashMap::new();
     let mut consumed = vec![false; ev.len()];
@@ -82,7 +84,7 @@ pub fn plan(trace: &Trace) -> Plan {
         if consumed[i] {
             continue;
         }
-        let mut skip = |reason| p.skipped.push(Skip { reason, event: *e });
+        let mut skip = |reason| s.skipped.push(Skip { reason, event: *e });
         match e.action {
             Action::Alloc => {
                 if e.size == 0 {
@@ -90,10 +92,10 @@ pub fn plan(trace: &Trace) -> Plan {
                 } else if live.contains_key(&e.addr) || pending.contains_key(&e.addr) {
                     skip("address allocated twice");
                 } else {
-                    let id = p.allocs;
-                    p.allocs += 1;
+                    let id = s.allocs;
+                    s.allocs += 1;
                     live.insert(e.addr, id);
-                    p.ops.push(Op::Alloc { id, size: e.size, stream: e.stream, addr: e.addr });
+                    s.ops.push(Op::Alloc { id, size: e.size, stream: e.stream, addr: e.addr });
                 }
             }
             Action::FreeRequested => {
@@ -104,24 +106,24 @@ pub fn plan(trace: &Trace) -> Plan {
                 match ev.get(i + 1) {
                     Some(n) if n.action == Action::FreeCompleted && n.addr == e.addr => {
                         consumed[i + 1] = true;
-                        p.ops.push(Op::Free { id });
+                        s.ops.push(Op::Free { id });
                     }
                     _ => {
                         pending.insert(e.addr, id);
-                        p.ops.push(Op::FreeDeferred { id });
+                        s.ops.push(Op::FreeDeferred { id });
                     }
                 }
             }
             Action::FreeCompleted => {
                 if let Some(id) = pending.remove(&e.addr) {
-                    p.ops.push(Op::Complete { id });
+                    s.ops.push(Op::Complete { id });
                 } else if let Some(id) = live.remove(&e.addr) {
-                    p.ops.push(Op::Free { id });
+                    s.ops.push(Op::Free { id });
                 } else {
                     skip("free of an unknown address");
                 }
             }
-            Action::SegmentAlloc => p.segments.push((e.size, e.addr)),
+            Action::SegmentAlloc => s.segments.push((e.size, e.addr)),
             Action::SegmentFree | Action::SegmentUnmap => {
                 if i > 0 && is_release(ev[i - 1].action) {
                     continue;
@@ -131,11 +133,11 @@ pub fn plan(trace: &Trace) -> Plan {
                     matches!(x.action, Action::SegmentAlloc | Action::SegmentMap | Action::Oom)
                 });
                 if !by_allocator {
-                    p.ops.push(Op::EmptyCache);
+                    s.ops.push(Op::EmptyCache);
                 }
             }
             Action::SegmentMap | Action::Snapshot | Action::Oom => {}
         }
     }
-    p
+    s
 }
