@@ -15,6 +15,7 @@ use std::ops::Bound::{Included, Unbounded};
 
 pub(crate) type SizeKey = (u64, u64, u64, BlockId);
 
+#[derive(Default)]
 pub(crate) struct BlockPool {
     /// Free mapped blocks by (stream, size, address).
     pub blocks: BTreeSet<SizeKey>,
@@ -55,12 +56,6 @@ impl Pools {
 
 pub(crate) fn size_key(b: &Block, id: BlockId) -> SizeKey {
     (b.stream.0, b.size, b.ptr, id)
-}
-
-impl Default for BlockPool {
-    fn default() -> BlockPool {
-        BlockPool { blocks: BTreeSet::new(), unmapped: BTreeSet::new(), get_free_blocks_call_count: 0 }
-    }
 }
 
 impl BlockPool {
