@@ -90,9 +90,10 @@ pub struct PackedOptions {
     /// about to land in it is unmapped first, so the block does not pin it (`compact_factor`;
     /// 0, the default, never does).
     pub compact_factor: u64,
-    /// Whether the free pages of chunks that still hold live blocks are
-    /// given back by moving the pages under the live blocks (`compaction`, default True; Note
-    /// \[Compaction\] in `packed/compact.rs`).
+    /// Whether the free pages of chunks that still hold live blocks are given back by moving
+    /// the pages under the live blocks (`compaction`, default False: Note \[Nothing moves
+    /// under a live block\] in `packed/compact.rs`). Only for programs in which no thread
+    /// launches work while another allocates.
     pub compaction: bool,
     /// Whether a training loop's period, once it has repeated exactly,
     /// is planned and followed (`periodic_plan`, default True; Note \[Periodic plans\] in
@@ -113,7 +114,7 @@ impl Default for PackedOptions {
     fn default() -> Self {
         PackedOptions {
             compact_factor: 0,
-            compaction: true,
+            compaction: false,
             periodic_plan: true,
             recycle_slack: 0.0,
             recycle_above: 0,

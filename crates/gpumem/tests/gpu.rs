@@ -348,7 +348,7 @@ fn gpu_global_api_and_every_gpu() {
 
 fn gpu_gpumem_compaction_moves_pages_under_live_tensors_intact() {
     let dev = gpu();
-    let a = allocator(dev.clone(), "policy:gpumem");
+    let a = allocator(dev.clone(), "policy:gpumem,compaction:True");
     let stream = dev.context().default_stream();
     // a 64 MiB chunk, freed, then pinned by a 1 MiB tensor; a guard closes it from above
     let big = Tensor::<u8>::empty_with(&a, &stream, &[64 << 20]).unwrap();
@@ -383,7 +383,7 @@ fn gpu_gpumem_compaction_moves_pages_under_live_tensors_intact() {
 /// both tensors keep their contents.
 fn gpu_gpumem_staged_compaction_keeps_tensors_intact() {
     let dev = gpu();
-    let a = allocator(dev.clone(), "policy:gpumem");
+    let a = allocator(dev.clone(), "policy:gpumem,compaction:True");
     let stream = dev.context().default_stream();
     let side = dev.context().new_stream().unwrap();
     let big = Tensor::<u8>::empty_with(&a, &stream, &[32 << 20]).unwrap();

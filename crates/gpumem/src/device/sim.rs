@@ -51,6 +51,8 @@ pub struct SimCounters {
     pub events_queried: u64,
     /// `synchronize_event`, `synchronize_stream` and `synchronize_device` calls.
     pub synchronizes: u64,
+    /// Of those, `synchronize_device` calls: waits for every stream at once.
+    pub device_synchronizes: u64,
     /// `mem_get_info` calls.
     pub mem_get_info: u64,
 }
@@ -509,7 +511,10 @@ impl Device for SimDevice {
     }
 
     fn synchronize_device(&self) -> Result<(), DeviceError> {
-        self.state.lock().counters.synchronizes += 1;
+        let mut s = self.state.lock();
+        s.counters.synchronizes += 1;
+        s.counters.device_synchronizes += 1;
+        drop(s);
         self.complete_all();
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! `empty_cache`. See `packed/mod.rs` for the design.
 
 use crate::common::{self, format_size, MAX_REQUEST, MIN_BLOCK_SIZE};
-use crate::device::{Device, StreamId};
+use crate::device::{Device, EventId, StreamId};
 use crate::error::{fraction_hint, AllocError, OutOfMemory};
 use crate::packed::plan_region::can_take_over;
 use crate::packed::{chunk_len, Chunk, Packed, Piece, Used, MAX_CHUNK, MIN_CHUNK_CAP};
@@ -41,6 +41,10 @@ impl<D: Device> Packed<D> {
         }
         self.process_events()?;
         let mut size = common::round_size(orig, self.config.roundup_power2_divisions_for(orig));
+        if size > self.device_total || size > self.va_size / 4 {
+            // no placement can fit it: say so before any bookkeeping grows with its size
+            return Err(self.out_of_memory(orig, size, stream));
+        }
         if self.growth.on_request(orig) {
             // Note [Buffers grown by copying]
             size = size.div_ceil(self.page) * self.page;
@@ -85,8 +89,7 @@ impl<D: Device> Packed<D> {
                 return Ok(addr);
             }
             let (holes, pinned) = self.long_lived_holes(first);
-            let compaction = self.config.packed.compaction;
-            let follow = |lower, least_live| can_take_over(lower, least_live, compaction);
+            let follow = |lower, least_live| can_take_over(lower, least_live);
             if let Some(plan) = self.detector.take_plan(MIN_BLOCK_SIZE, &holes, follow) {
                 self.adopt(plan, &holes, pinned);
             }
@@ -148,7 +151,7 @@ impl<D: Device> Packed<D> {
     /// Records a new live block at `addr`.
     pub(crate) fn install(&mut self, addr: u64, size: u64, stream: StreamId, orig: u64, seq: u64) {
         self.growth.on_install(orig, addr);
-        self.add_users(addr, size, stream);
+        self.add_users(addr, size);
         self.live.insert(
             addr,
             Used {
@@ -343,31 +346,27 @@ impl<D: Device> Packed<D> {
         // With the cap, 1.011x and 1.056x, for 12% more device calls over all traces (2% in
         // their second halves). Measured again once copies were staged: without the cap the
         // GANs 1.0325x and 1.0415x (1.0124x, 1.0104x with it), decoding 1.0289x (1.0021x).
-        // Without compaction, the pages the block shares with its neighbours are chunks of one
-        // page each, so that a neighbour pins at most a page, and the pages wholly inside the
-        // block form the rest (idle exactly when the block is gone); a longer chunk would only
-        // pin more. Measured: with compaction such one-page chunks cost 30% more device calls
-        // for no less memory; without it they save up to 11 points of reserved memory
-        // (docs/policy.md).
+        //
+        // Without compaction (the default: Note [Nothing moves under a live block] in
+        // `packed/compact.rs`), every page is a chunk of its own, so that a live block pins
+        // only the pages it touches, and whatever else is free can be unmapped page by page.
+        // It costs device calls: 8-50x as many over a whole replay of the bundled traces, none
+        // where a periodic plan is followed. Measured, with every page a chunk, reserved memory
+        // stays within 1.015x the live peak on every bundled trace; with the pages wholly
+        // inside a block mapped as one chunk (the earlier shape), a chunk that a later small
+        // block pinned cost up to 1.22x (diffusion sampling). docs/policy.md has the figures.
         let page = self.page;
-        let (lo, hi) = if self.config.packed.compaction {
-            (from, to)
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        if self.config.packed.compaction {
+            let (mut at, cap) = (from, self.chunk_cap());
+            while at < to {
+                let n = chunk_len(to - at, cap);
+                pieces.push((at, n));
+                at += n;
+            }
         } else {
-            let lo = (place.start.div_ceil(page) * page).clamp(from, to);
-            (lo, ((place.start + place.size) / page * page).clamp(lo, to))
-        };
-        let mut pieces: Vec<(u64, u64)> = (from..lo).step_by(page as usize).map(|at| (at, page)).collect();
-        let (mut at, cap) = (lo, self.chunk_cap());
-        while at < hi {
-            let n = if self.config.packed.compaction {
-                chunk_len(hi - at, cap)
-            } else {
-                (hi - at).min(MAX_CHUNK)
-            };
-            pieces.push((at, n));
-            at += n;
+            pieces.extend((from..to).step_by(page as usize).map(|at| (at, page)));
         }
-        pieces.extend((hi..to).step_by(page as usize).map(|at| (at, page)));
         let mut mapped = Vec::with_capacity(pieces.len());
         for (at, n) in pieces {
             match self.map_chunk(at, n, stream) {
@@ -440,6 +439,9 @@ impl<D: Device> Packed<D> {
         self.stats.allocation.decrease(k, 1);
         self.stats.allocated_bytes.decrease(k, size);
         self.history.record(Action::FreeRequested, ptr, requested, stream);
+        if stream != StreamId::DEFAULT {
+            self.note_stream_free(ptr, size, stream);
+        }
         if uses.is_empty() {
             self.free_completed(ptr);
             return Ok(());
@@ -577,10 +579,6 @@ impl<D: Device> Packed<D> {
         let non_releasable = reserved.saturating_sub(active + self.idle_bytes);
         let hint = match fraction_hint(self.allowed_memory_maximum, need, free, total) {
             Some(h) => h,
-            None if reserved > allocated + allocated / 10 && !self.config.packed.compaction => format!(
-                "{} of the reserved memory is free but shares physical chunks with live tensors, so it can be neither given back nor used for this request: free tensors you no longer need, use a smaller batch, or remove compaction:False (the free pages of those chunks are then given back).",
-                format_size(non_releasable)
-            ),
             None if reserved > allocated + allocated / 10 => format!(
                 "{} of the reserved memory is free but lies in pages shared with live tensors, in pieces too small for this request: free tensors you no longer need, or use a smaller batch.",
                 format_size(non_releasable)
@@ -613,5 +611,9 @@ impl<D: Device> Drop for Packed<D> {
         }
         let _ = self.device.unreserve(self.base, self.va_size);
         self.pending.destroy(&self.device);
+        let held: Vec<EventId> = self.event_refs.keys().map(|&e| EventId(e)).collect();
+        for e in self.spare_events.drain(..).chain(held) {
+            let _ = self.device.destroy_event(e);
+        }
     }
 }

@@ -335,9 +335,9 @@ impl<D: Device> Packed<D> {
     /// says.
     fn compact_chunk(&mut self, cand: &Candidate, how: Copy) -> Result<Compacted, AllocError> {
         let c = cand.chunk;
-        let (start, size, other_streams) = {
+        let (start, size) = {
             let ch = self.chunks[c as usize].as_ref().unwrap();
-            (ch.start, ch.size, ch.other_streams)
+            (ch.start, ch.size)
         };
         let keep: Vec<(u64, u64)> = cand.runs.iter().map(|r| (r.start, r.end - r.start)).collect();
         let done = match &how {
@@ -360,14 +360,25 @@ impl<D: Device> Packed<D> {
         }
         self.stats.reserved_bytes.decrease(PoolKind::Large, size - cand.kept);
         self.mapped_bytes -= size - cand.kept;
-        self.chunks[c as usize] = None;
+        // the device was waited for before the copy: the old chunk's events are all done
+        for (_, e) in self.chunks[c as usize].take().map(|ch| ch.waits).unwrap_or_default() {
+            self.unref_event(e);
+        }
         self.vacant_chunks.push(c);
         self.stats.num_device_free += 1;
         let first = self.pages(start, size);
         self.page_chunk[first].fill(0);
         for r in &cand.runs {
             let (start, size, users, live_bytes) = (r.start, r.end - r.start, r.users, r.live_bytes);
-            let c = self.add_chunk(Chunk { start, size, users, live_bytes, other_streams, idle_since: 0 });
+            let c = self.add_chunk(Chunk {
+                start,
+                size,
+                users,
+                live_bytes,
+                waits: Vec::new(),
+                wait_device: false,
+                idle_since: 0,
+            });
             if users == 0 {
                 // a run kept only for the request about to land there: idle until it does
                 self.mark_idle(c);

@@ -45,7 +45,7 @@ mod plan_region;
 use crate::common::PtrMap;
 use crate::config::AllocatorConfig;
 use crate::device::events::PendingFrees;
-use crate::device::{Device, DeviceError, StreamId};
+use crate::device::{Device, DeviceError, EventId, StreamId};
 use crate::error::AllocError;
 use crate::packed::free_index::FreeIndex;
 use crate::packed::growth::Growth;
@@ -88,12 +88,20 @@ pub(crate) struct Chunk {
     pub users: u32,
     /// Bytes of the chunk under live blocks: what compaction could not give back.
     pub live_bytes: u64,
-    /// Whether a block on a stream other than the default one used the chunk since it was
-    /// mapped (see Note [Which wait before unmapping]).
-    pub other_streams: bool,
+    /// For each stream other than the default one whose blocks on the chunk were freed since
+    /// it was mapped, an event recorded on it at the latest such free (Note [Which wait
+    /// before unmapping]).
+    pub waits: Vec<(StreamId, EventId)>,
+    /// Whether such an event could not be recorded: unmapping the chunk then waits for the
+    /// whole device.
+    pub wait_device: bool,
     /// When the chunk last became idle (for least-recently-used recycling).
     pub idle_since: u64,
 }
+
+/// The most address space the policy reserves: 128 TiB, what 47 bits of virtual address
+/// hold.
+const MAX_ADDRESS_SPACE: u64 = 1 << 47;
 
 /// The largest chunk mapped in one call (Note [Chunk shapes]).
 pub(crate) const MAX_CHUNK: u64 = 256 << 20;
@@ -162,6 +170,10 @@ pub(crate) struct Packed<D: Device> {
     pub plan: Option<Box<ActivePlan>>,
     /// What the GPU finished since the current call began (Note [One wait per call]).
     pub waited: Waited,
+    /// How many chunks hold each event of `Chunk::waits`, by event.
+    pub event_refs: PtrMap<u32>,
+    /// Events no chunk holds, for reuse.
+    pub spare_events: Vec<EventId>,
 }
 
 /// The addresses where free or unmapped pieces start, in order, for the walks by address
@@ -228,8 +240,9 @@ impl<D: Device> Packed<D> {
         let (_, total) = device.mem_get_info()?;
         let page = device.page_granularity().max(2 << 20);
         // Address space is plentiful: room for the device's memory four times over, so that
-        // holes left by recycling never run the range out.
-        let va_size = (total.saturating_mul(4)).div_ceil(page) * page;
+        // holes left by recycling never run the range out; but no more than a GPU's 47 bits
+        // of virtual addresses hold (a simulated device may claim any capacity).
+        let va_size = total.saturating_mul(4).min(MAX_ADDRESS_SPACE).div_ceil(page) * page;
         let base = device.reserve(va_size)?;
         Ok(Packed {
             device,
@@ -261,6 +274,8 @@ impl<D: Device> Packed<D> {
             detector: Box::new(Detector::new()),
             plan: None,
             waited: Waited::Nothing,
+            event_refs: PtrMap::default(),
+            spare_events: Vec::new(),
         })
     }
 
@@ -392,14 +407,13 @@ impl<D: Device> Packed<D> {
     }
 
     /// Counts a new live block on every chunk under it.
-    pub(crate) fn add_users(&mut self, addr: u64, size: u64, stream: StreamId) {
+    pub(crate) fn add_users(&mut self, addr: u64, size: u64) {
         let mut p = addr;
         while p < addr + size {
             let c = self.chunk_at(p).expect("live blocks are mapped");
             let ch = self.chunks[c as usize].as_mut().unwrap();
             ch.users += 1;
             ch.live_bytes += (addr + size).min(ch.start + ch.size) - addr.max(ch.start);
-            ch.other_streams |= stream != StreamId::DEFAULT;
             if ch.users == 1 {
                 self.idle_bytes -= ch.size;
             }
@@ -462,7 +476,8 @@ impl<D: Device> Packed<D> {
             size,
             users: 0,
             live_bytes: 0,
-            other_streams: false,
+            waits: Vec::new(),
+            wait_device: false,
             idle_since: 0,
         });
         // a fresh chunk is idle until the block it was mapped for is placed on it
@@ -475,17 +490,97 @@ impl<D: Device> Packed<D> {
         Ok(Some(c))
     }
 
+    /// Remembers, on every chunk under the block `[addr, addr + size)` just freed by
+    /// `stream` (not the default one), an event recorded on `stream` now: unmapping any of
+    /// those chunks waits for it (Note [Which wait before unmapping]).
+    pub(crate) fn note_stream_free(&mut self, addr: u64, size: u64, stream: StreamId) {
+        let event = match self.spare_events.pop().map_or_else(|| self.device.create_event(), Ok) {
+            Ok(e) => match self.device.record_event(e, stream) {
+                Ok(()) => Some(e),
+                Err(_) => {
+                    self.spare_events.push(e);
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let mut p = addr;
+        while p < addr + size {
+            let c = self.chunk_at(p).expect("live blocks are mapped");
+            let ch = self.chunks[c as usize].as_mut().unwrap();
+            p = ch.start + ch.size;
+            let Some(e) = event else {
+                ch.wait_device = true;
+                continue;
+            };
+            *self.event_refs.entry(e.0).or_insert(0) += 1;
+            let old = match ch.waits.iter_mut().find(|w| w.0 == stream) {
+                Some(w) => Some(std::mem::replace(&mut w.1, e)),
+                None => {
+                    ch.waits.push((stream, e));
+                    None
+                }
+            };
+            if let Some(old) = old {
+                // a later event of the same stream covers the earlier one
+                self.unref_event(old);
+            }
+        }
+        if let Some(e) = event.filter(|e| !self.event_refs.contains_key(&e.0)) {
+            self.spare_events.push(e);
+        }
+    }
+
+    /// One chunk fewer holds `e`; the last one gives it back to the spares.
+    pub(crate) fn unref_event(&mut self, e: EventId) {
+        let n = self.event_refs.get_mut(&e.0).expect("a held event");
+        *n -= 1;
+        if *n == 0 {
+            self.event_refs.remove(&e.0);
+            self.spare_events.push(e);
+        }
+    }
+
+    /// Waits for the work that may still use chunk `c`'s pages (Note [Which wait before
+    /// unmapping]), and lets go of its events.
+    fn wait_for_chunk(&mut self, c: u32) -> Result<(), AllocError> {
+        let ch = self.chunks[c as usize].as_mut().expect("a live chunk");
+        let (waits, wait_device) = (std::mem::take(&mut ch.waits), ch.wait_device);
+        for &(_, e) in &waits {
+            if self.waited < Waited::Device && !self.device.query_event(e)? {
+                self.device.synchronize_event(e)?;
+            }
+        }
+        for (_, e) in waits {
+            self.unref_event(e);
+        }
+        let waited = if wait_device { Waited::Device } else { Waited::DefaultStream };
+        if self.waited < waited {
+            match waited {
+                Waited::Device => self.device.synchronize_device()?,
+                _ => self.device.synchronize_stream(StreamId::DEFAULT)?,
+            }
+            self.waited = waited;
+        }
+        Ok(())
+    }
+
     /// Unmaps chunk `c` (idle, or just mapped and not yet used) and forgets it.
     fn release_chunk(&mut self, c: u32) -> Result<Chunk, AllocError> {
-        let ch = self.chunks[c as usize].take().expect("a live chunk");
-        debug_assert_eq!(ch.users, 0);
         // Note [Which wait before unmapping]
         // -----------------------------------
-        // Unmapping does not wait for the GPU (Note [Unmapping does not wait] in cuda.rs).
-        // PyTorch waits for the segment's stream. A chunk used only on the default stream
-        // waits for that stream, which cannot be destroyed; one used on other streams waits
-        // for the whole device, which needs no stream handle: a stream the program has
-        // destroyed since it used the chunk must not be synchronized.
+        // Unmapping does not wait for the GPU (Note [Unmapping does not wait] in
+        // `device/cuda.rs`). PyTorch waits for the segment's stream. Here the default stream's
+        // work is waited for once per call (it cannot be destroyed). Work of other streams is
+        // waited for through events recorded when their blocks on the chunk were freed: at a
+        // free the program still holds the stream, while by the time the chunk is unmapped it
+        // may have destroyed it, so the stream itself must not be synchronized then. One event
+        // per stream and chunk, the latest, covers all earlier work of that stream. No wait
+        // is device-wide (a device-wide wait under the lock would stall every thread's cache
+        // hits), except where an event could not be recorded.
+        self.wait_for_chunk(c)?;
+        let ch = self.chunks[c as usize].take().expect("a live chunk");
+        debug_assert_eq!(ch.users, 0);
         //
         // Note [One wait per call]
         // ------------------------
@@ -499,14 +594,6 @@ impl<D: Device> Packed<D> {
         // GPT-2), and a call that recycles unmaps several chunks in a row: counted on the
         // simulated device, GPT-2 waits 74 times instead of 247, bert 138 instead of 230
         // (besides the waits of the compaction copies).
-        let waited = if ch.other_streams { Waited::Device } else { Waited::DefaultStream };
-        if self.waited < waited {
-            match waited {
-                Waited::Device => self.device.synchronize_device()?,
-                _ => self.device.synchronize_stream(StreamId::DEFAULT)?,
-            }
-            self.waited = waited;
-        }
         let unmapped = self.device.unmap(ch.start, ch.size);
         // the chunk is gone from the table either way: keep the counts consistent with it
         self.idle_bytes -= ch.size;
