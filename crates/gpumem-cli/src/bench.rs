@@ -228,7 +228,8 @@ pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
             .map(|_| dev.context().new_stream())
             .collect::<Result<_, _>>()
             .map_err(|e| Failure::work(format!("{e:?}")))?;
-        let streams: Vec<StreamId> = owned.iter().map(|s| StreamId(s.cu_stream() as u64)).collect();
+        let streams: Vec<StreamId> =
+            owned.iter().map(|s| dev.stream_id(s)).collect::<Result<_, _>>().map_err(Failure::work)?;
         let make = || Ok(dev.clone());
         allocator_benches(&make, "cuda", &streams, &mut rows)?;
         device_benches(&dev, &mut rows)?;

@@ -2,7 +2,6 @@
 
 use crate::device::ReplayDevice;
 use gpumem::{CudaDevice, Device, DeviceError, EventId, StreamId};
-use std::sync::Arc;
 
 /// A [`CudaDevice`] set up for replays: one real side stream stands for "the other stream"
 /// of frees that waited on one.
@@ -10,10 +9,14 @@ use std::sync::Arc;
 /// A GPU's streams cannot be held back at will, so a deferred free completes as soon as the
 /// side stream's (empty) queue reaches its event: at once, where the recorded run waited for
 /// real work. Reuse after such frees can therefore come earlier than in the recorded run.
+///
+/// The trace's own stream numbers are only labels of the cache here (the engines hand the
+/// driver no allocation stream but the default one); the side stream is registered with the
+/// device, which holds it, and is the only other stream events are recorded on.
 #[derive(Clone)]
 pub struct CudaReplayDevice {
     dev: CudaDevice,
-    side: Arc<cudarc::driver::CudaStream>,
+    side: StreamId,
 }
 
 impl CudaReplayDevice {
@@ -25,6 +28,7 @@ impl CudaReplayDevice {
             .context()
             .new_stream()
             .map_err(|e| DeviceError::Driver { call: "cuStreamCreate", message: format!("{e:?}") })?;
+        let side = dev.stream_id(&side)?;
         let page = dev.page_granularity();
         for _ in 0..4 {
             let p = dev.malloc(page)?;
@@ -35,7 +39,7 @@ impl CudaReplayDevice {
             dev.unreserve(va, page)?;
         }
         let e = dev.create_event()?;
-        dev.record_event(e, StreamId(side.cu_stream() as u64))?;
+        dev.record_event(e, side)?;
         dev.synchronize_event(e)?;
         dev.destroy_event(e)?;
         Ok(CudaReplayDevice { dev, side })
@@ -91,6 +95,9 @@ impl Device for CudaReplayDevice {
     fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
         self.dev.destroy_event(event)
     }
+    fn check_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        self.dev.check_stream(stream)
+    }
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {
         self.dev.record_event(event, stream)
     }
@@ -113,7 +120,7 @@ impl ReplayDevice for CudaReplayDevice {
         "cuda"
     }
     fn side_stream(&self, _id: u32) -> StreamId {
-        StreamId(self.side.cu_stream() as u64)
+        self.side
     }
     fn complete_side(&self, _stream: StreamId) {}
     fn preset_addresses(&self, _segments: &[(u64, u64)]) -> bool {

@@ -103,9 +103,13 @@ impl<D: Device> Allocator<D> {
     }
 
     /// Records that the block at `ptr` is also used on `stream`: when it is freed, it waits
-    /// for the work queued on `stream` so far before anyone can reuse it.
+    /// for the work queued on `stream` so far before anyone can reuse it. A stream the device
+    /// cannot wait for is refused here (on [`crate::CudaDevice`]: one not registered with
+    /// [`crate::CudaDevice::stream_id`]), and changes nothing.
     pub fn record_stream(&self, ptr: u64, stream: StreamId) -> Result<(), AllocError> {
-        self.lock().record_stream(ptr, stream)
+        let mut core = self.lock();
+        core.device().check_stream(stream)?;
+        core.record_stream(ptr, stream)
     }
 
     /// Returns to the cache every freed block whose other-stream events have completed.

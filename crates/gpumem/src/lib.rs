@@ -47,4 +47,4 @@ pub use report::history::{Action, TraceEntry};
 pub use report::snapshot::{recount, BlockInfo, BlockState, SegmentInfo};
 pub use report::stats::{DeviceStats, MemoryStats, PoolKind, Stat, StatArray};
 pub use report::summary::memory_summary as format_memory_summary;
-pub use tensor::{Element, FloatElement, Tensor};
+pub use tensor::{Element, FloatElement, KernelArg, Tensor};

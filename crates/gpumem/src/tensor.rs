@@ -3,13 +3,27 @@
 //! frees its block when dropped.
 //!
 //! It implements cudarc's device-pointer traits, so a gpumem tensor can be passed to cudarc
-//! copies (`memcpy_htod`, `memcpy_dtoh`), cuRAND, and kernel launches: gpumem then serves as the
-//! allocator of a cudarc program. Using a tensor on a stream other than its own records that
-//! use (`record_stream`), so its block is not reused before that stream is done with it; that
-//! stream must then outlive the tensor.
+//! copies (`memcpy_htod`, `memcpy_dtoh`) and cuRAND, and, through [`Tensor::on`], to kernel
+//! launches: gpumem then serves as the allocator of a cudarc program.
+//!
+//! Note [Uses on other streams]
+//! ----------------------------
+//! A block freed while another stream may still read or write it must not be handed out
+//! again before that stream is done. Every way into a tensor's memory from another stream
+//! therefore leaves a trace:
+//! - [`Tensor::record_stream`] and [`Tensor::on`]/[`Tensor::on_mut`] (kernel arguments) take
+//!   the stream as an `Arc`: they register it with the allocator's device
+//!   ([`crate::CudaDevice::stream_id`], which holds it from then on) and record the use, so
+//!   the free waits for an event on that stream even if the program dropped the stream first.
+//! - cudarc's copies reach the tensor through `DevicePtr`, which sees only a reference to the
+//!   stream. A use on a stream registered with the device is recorded as above; on any other
+//!   stream the call waits for that stream before it returns (cudarc's `SyncOnDrop::Sync`),
+//!   so nothing of it is left to wait for at the free.
+//! - Kernel launches: cudarc's launch arguments do not say which stream they are for, so a
+//!   tensor is not itself a kernel argument; `tensor.on(&stream)` is, and records the use
+//!   where `stream` is not the tensor's own.
 
 use crate::device::DeviceError;
-use crate::device::StreamId;
 use crate::error::AllocError;
 use crate::global::{allocator, CudaAllocator};
 use cudarc::driver::{
@@ -159,7 +173,10 @@ impl<T: Element> Tensor<T> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| AllocError::InvalidArgument(format!("shape {shape:?} is too large")))?;
-        let ptr = alloc.malloc(bytes as u64, StreamId(stream.cu_stream() as u64))?;
+        // registered, so that no later stream can take over this one's id and its cached
+        // blocks (Note [Stream and event ids are not handles] in `device/mod.rs`)
+        let id = alloc.with_device(|d| d.stream_id(stream))?;
+        let ptr = alloc.malloc(bytes as u64, id)?;
         Ok(Tensor {
             ptr,
             len,
@@ -279,19 +296,68 @@ impl<T: Element> Tensor<T> {
     }
 
     /// Marks the tensor as used on `stream` too: when it is dropped, its block waits for the
-    /// work queued on `stream` so far (PyTorch's `Tensor.record_stream`). As in PyTorch, the
-    /// stream must outlive the tensor: the wait is an event recorded on it at the drop.
-    pub fn record_stream(&self, stream: &CudaStream) -> Result<(), AllocError> {
-        if self.ptr == 0 {
+    /// work queued on `stream` so far (PyTorch's `Tensor.record_stream`). The stream is
+    /// registered with the allocator's device, which holds it, so unlike in PyTorch it may be
+    /// dropped before the tensor (Note \[Uses on other streams\] in `tensor.rs`). A stream of
+    /// another GPU is an error.
+    pub fn record_stream(&self, stream: &Arc<CudaStream>) -> Result<(), AllocError> {
+        if self.ptr == 0 || self.is_own(stream) {
             return Ok(());
         }
-        self.alloc.record_stream(self.ptr, StreamId(stream.cu_stream() as u64))
+        let id = self.alloc.with_device(|d| d.stream_id(stream))?;
+        self.alloc.record_stream(self.ptr, id)
     }
 
-    fn note_use(&self, stream: &CudaStream) {
-        if stream.cu_stream() != self.stream.cu_stream() && self.ptr != 0 {
-            // The pointer is ours and live, so this cannot fail.
-            let _ = self.record_stream(stream);
+    /// The tensor as an argument of a kernel launched on `stream`, recording that use where
+    /// `stream` is not its own ([`Tensor::record_stream`]), so that dropping the tensor while
+    /// the kernel runs does not hand its block out too early. For kernels that only read it;
+    /// [`Tensor::on_mut`] for those that write it.
+    ///
+    /// ```no_run
+    /// # fn f(x: &gpumem::Tensor<f32>, func: &cudarc::driver::CudaFunction,
+    /// #      stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> Result<(), Box<dyn std::error::Error>> {
+    /// use cudarc::driver::{LaunchConfig, PushKernelArg};
+    /// let n = x.numel() as u32;
+    /// let mut launch = stream.launch_builder(func);
+    /// launch.arg(x.on(stream)?).arg(&n);
+    /// // SAFETY: the kernel takes (const float*, unsigned) and stays inside n elements.
+    /// unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on(&self, stream: &Arc<CudaStream>) -> Result<KernelArg<'_, T>, AllocError> {
+        self.record_stream(stream)?;
+        Ok(KernelArg { ptr: &self.ptr, _t: PhantomData })
+    }
+
+    /// [`Tensor::on`] for a kernel that writes the tensor: it borrows the tensor mutably for
+    /// as long as the argument lives.
+    pub fn on_mut(&mut self, stream: &Arc<CudaStream>) -> Result<KernelArg<'_, T>, AllocError> {
+        self.record_stream(stream)?;
+        Ok(KernelArg { ptr: &self.ptr, _t: PhantomData })
+    }
+
+    /// Whether `stream` is the tensor's own stream, whose later work is ordered after
+    /// everything it does with the tensor.
+    fn is_own(&self, stream: &CudaStream) -> bool {
+        stream.cu_stream() == self.stream.cu_stream()
+            && stream.context().cu_ctx() == self.stream.context().cu_ctx()
+    }
+
+    /// Records a use through cudarc's device-pointer traits (Note \[Uses on other streams\]):
+    /// on a registered stream as [`Tensor::record_stream`] does, and on any other stream by
+    /// waiting for the stream once cudarc has queued the work.
+    fn note_use<'a>(&self, stream: &'a CudaStream) -> SyncOnDrop<'a> {
+        if self.ptr == 0 || self.is_own(stream) {
+            return SyncOnDrop::Record(None);
+        }
+        let recorded = match self.alloc.with_device(|d| d.registered_stream_id(stream)) {
+            Some(id) => self.alloc.record_stream(self.ptr, id).is_ok(),
+            None => false,
+        };
+        if recorded {
+            SyncOnDrop::Record(None)
+        } else {
+            SyncOnDrop::sync_stream(stream)
         }
     }
 }
@@ -351,31 +417,35 @@ impl<T: Element> DeviceSlice<T> for Tensor<T> {
 
 impl<T: Element> DevicePtr<T> for Tensor<T> {
     fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-        self.note_use(stream);
-        (self.ptr, SyncOnDrop::Record(None))
+        (self.ptr, self.note_use(stream))
     }
 }
 
 impl<T: Element> DevicePtrMut<T> for Tensor<T> {
     fn device_ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-        self.note_use(stream);
-        (self.ptr, SyncOnDrop::Record(None))
+        (self.ptr, self.note_use(stream))
+    }
+}
+
+/// A tensor as a kernel argument, from [`Tensor::on`] or [`Tensor::on_mut`]: its use on the
+/// launch's stream is recorded already. It pushes the tensor's device address.
+pub struct KernelArg<'a, T: Element> {
+    ptr: &'a u64,
+    _t: PhantomData<&'a T>,
+}
+
+impl<T: Element> std::fmt::Debug for KernelArg<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KernelArg<{}>({:#x})", T::DTYPE, self.ptr)
     }
 }
 
 // SAFETY: the argument pushed is the address of the tensor's device pointer, which lives as
-// long as the borrow of the tensor, as cudarc's own CudaSlice impls do.
-unsafe impl<'a, 'b: 'a, T: Element> PushKernelArg<&'b Tensor<T>> for LaunchArgs<'a> {
+// long as the borrow of the tensor ('b, which outlives the launch arguments 'a), as cudarc's
+// own CudaSlice impls do.
+unsafe impl<'a, 'b: 'a, T: Element> PushKernelArg<KernelArg<'b, T>> for LaunchArgs<'a> {
     #[inline(always)]
-    fn arg(&mut self, arg: &'b Tensor<T>) -> &mut Self {
-        self.arg(&arg.ptr)
-    }
-}
-
-// SAFETY: as above.
-unsafe impl<'a, 'b: 'a, T: Element> PushKernelArg<&'b mut Tensor<T>> for LaunchArgs<'a> {
-    #[inline(always)]
-    fn arg(&mut self, arg: &'b mut Tensor<T>) -> &mut Self {
-        self.arg(&arg.ptr)
+    fn arg(&mut self, arg: KernelArg<'b, T>) -> &mut Self {
+        self.arg(arg.ptr)
     }
 }

@@ -15,10 +15,15 @@
 //! early kills the context with an illegal-address error. The engines wait for the default
 //! stream, or for the whole device where other streams used the pages, before they call
 //! `unmap` (Note [Which wait before unmapping] in `packed/mod.rs`).
+//!
+//! Streams and events reach the driver only through the tables of [`Handles`]: Note \[Stream
+//! and event ids are not handles\] in `device/mod.rs` says why.
 
 use crate::device::{Device, DeviceError, EventId, StreamId};
 use cudarc::driver::sys::{self, CUresult};
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use parking_lot::RwLock;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -48,6 +53,10 @@ pub struct CudaCounters {
 /// alloc.free(p)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// Streams and events are named by ids that it resolves through tables of its own (Note
+/// \[Stream and event ids are not handles\] in `device/mod.rs`): a real stream is known by the
+/// id [`CudaDevice::stream_id`] gives it. Clones share the GPU, the counters and the tables.
 #[derive(Clone)]
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -55,6 +64,85 @@ pub struct CudaDevice {
     name: String,
     granularity: u64,
     counters: Arc<[AtomicU64; 5]>,
+    handles: Arc<Handles>,
+}
+
+/// The streams and events a [`CudaDevice`] may hand the driver.
+struct Handles {
+    /// Registered streams, held (Note \[Stream and event ids are not handles\]); the legacy
+    /// default stream under [`StreamId::DEFAULT`] from the start.
+    streams: Table<CudaStream>,
+    /// Live events this device created, by their ids.
+    events: Table<CudaEvent>,
+    /// The next event id: ids count up and are never reused.
+    next_event: AtomicU64,
+}
+
+impl Handles {
+    fn new(ctx: &Arc<CudaContext>) -> Handles {
+        let streams = Table::new(
+            "stream",
+            "not registered with this device (CudaDevice::stream_id registers a stream)",
+        );
+        streams.insert(StreamId::DEFAULT.0, || ctx.default_stream());
+        let events = Table::new("event", "not an event this device created, or destroyed already");
+        Handles { streams, events, next_event: AtomicU64::new(1) }
+    }
+
+    fn stream(&self, id: StreamId) -> Result<Arc<CudaStream>, DeviceError> {
+        self.streams.get(id.0)
+    }
+
+    fn event(&self, id: EventId) -> Result<Arc<CudaEvent>, DeviceError> {
+        self.events.get(id.0)
+    }
+}
+
+/// Driver objects by id. A lookup clones the `Arc` out and the caller calls the driver
+/// outside the lock: an object removed meanwhile is dropped (for an event: destroyed) only
+/// once the last call using it is done, and no call waits for the lock behind a slow one
+/// (`cuEventSynchronize`).
+struct Table<V> {
+    /// `"stream"` or `"event"`, for errors.
+    what: &'static str,
+    /// Why an id is unknown, for errors.
+    why: &'static str,
+    map: RwLock<HashMap<u64, Arc<V>>>,
+}
+
+impl<V> Table<V> {
+    fn new(what: &'static str, why: &'static str) -> Table<V> {
+        Table { what, why, map: RwLock::default() }
+    }
+
+    fn unknown(&self, id: u64) -> DeviceError {
+        DeviceError::InvalidHandle { what: self.what, id, why: self.why }
+    }
+
+    /// The object of `id`, or [`DeviceError::InvalidHandle`].
+    fn get(&self, id: u64) -> Result<Arc<V>, DeviceError> {
+        self.map.read().get(&id).cloned().ok_or_else(|| self.unknown(id))
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.map.read().contains_key(&id)
+    }
+
+    /// Adds `id` with the object `make` gives, unless `id` is there already (the first one
+    /// stays).
+    fn insert(&self, id: u64, make: impl FnOnce() -> Arc<V>) {
+        self.map.write().entry(id).or_insert_with(make);
+    }
+
+    /// Takes `id` out, or [`DeviceError::InvalidHandle`].
+    fn remove(&self, id: u64) -> Result<Arc<V>, DeviceError> {
+        let removed = self.map.write().remove(&id);
+        removed.ok_or_else(|| self.unknown(id))
+    }
+
+    fn len(&self) -> usize {
+        self.map.read().len()
+    }
 }
 
 fn check(call: &'static str, r: CUresult) -> Result<(), DeviceError> {
@@ -124,7 +212,50 @@ impl CudaDevice {
         };
         let granularity =
             if r == CUresult::CUDA_SUCCESS && granularity > 0 { granularity as u64 } else { 2 << 20 };
-        Ok(CudaDevice { ctx, ordinal, name, granularity, counters: Arc::new(Default::default()) })
+        let handles = Arc::new(Handles::new(&ctx));
+        Ok(CudaDevice { ctx, ordinal, name, granularity, counters: Arc::new(Default::default()), handles })
+    }
+
+    /// The id of `stream` on this device, registering it: from now on the device holds the
+    /// stream (it is not destroyed before the device is), and accepts the id wherever a
+    /// [`StreamId`] goes, such as [`crate::Allocator::record_stream`]. The id is the value of
+    /// the stream's `CUstream` pointer, so the same stream always gets the same id; the
+    /// legacy default stream's is [`StreamId::DEFAULT`]. A stream of another CUDA context
+    /// (another GPU) is [`DeviceError::InvalidHandle`]. Note \[Stream and event ids are not
+    /// handles\] in `device/mod.rs` says why the device holds the stream.
+    pub fn stream_id(&self, stream: &Arc<CudaStream>) -> Result<StreamId, DeviceError> {
+        let id = StreamId(stream.cu_stream() as u64);
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(DeviceError::InvalidHandle {
+                what: "stream",
+                id: id.0,
+                why: "it belongs to another CUDA context than this device's",
+            });
+        }
+        // A registered stream is alive (the table holds it), so no other live stream has its
+        // handle: finding the id means finding this very stream.
+        if !self.handles.streams.contains(id.0) {
+            self.handles.streams.insert(id.0, || stream.clone());
+        }
+        Ok(id)
+    }
+
+    /// The id of `stream` if it is registered with this device ([`CudaDevice::stream_id`]),
+    /// for callers that hold only a reference to it.
+    pub fn registered_stream_id(&self, stream: &CudaStream) -> Option<StreamId> {
+        let id = StreamId(stream.cu_stream() as u64);
+        let known = self.handles.streams.get(id.0).ok()?;
+        (known.context().cu_ctx() == stream.context().cu_ctx()).then_some(id)
+    }
+
+    /// How many streams are registered, the legacy default stream included.
+    pub fn registered_streams(&self) -> usize {
+        self.handles.streams.len()
+    }
+
+    /// How many events this device created and has not destroyed.
+    pub fn live_events(&self) -> usize {
+        self.handles.events.len()
     }
 
     /// The cudarc context, to share with cudarc code (streams, kernels, copies).
@@ -403,42 +534,37 @@ impl Device for CudaDevice {
     }
 
     fn create_event(&self) -> Result<EventId, DeviceError> {
-        self.bind()?;
-        let mut ev: sys::CUevent = std::ptr::null_mut();
-        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
-        // SAFETY: valid out-pointer.
-        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut ev, flags) })?;
-        Ok(EventId(ev as u64))
+        let event = self.ctx.new_event(None).map_err(|e| driver_err("cuEventCreate", e))?;
+        let id = EventId(self.handles.next_event.fetch_add(1, Ordering::Relaxed));
+        self.handles.events.insert(id.0, || Arc::new(event));
+        Ok(id)
     }
 
     fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: the event came from create_event.
-        check("cuEventDestroy", unsafe { sys::cuEventDestroy_v2(event.0 as sys::CUevent) })
+        // Out of the table at once; `cuEventDestroy` runs when the last call using it is done
+        // (the `Arc` drops), with the context bound by cudarc's `Drop`.
+        self.handles.events.remove(event.0).map(drop)
     }
 
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: a live event and a stream handle the caller holds.
-        check("cuEventRecord", unsafe {
-            sys::cuEventRecord(event.0 as sys::CUevent, stream.0 as sys::CUstream)
-        })
+        let (ev, st) = (self.handles.event(event)?, self.handles.stream(stream)?);
+        // cudarc checks that both belong to one context
+        ev.record(&st).map_err(|e| driver_err("cuEventRecord", e))
     }
 
     fn query_event(&self, event: EventId) -> Result<bool, DeviceError> {
+        let ev = self.handles.event(event)?;
         self.bind()?;
-        // SAFETY: a live event.
-        match unsafe { sys::cuEventQuery(event.0 as sys::CUevent) } {
-            CUresult::CUDA_SUCCESS => Ok(true),
-            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            other => check("cuEventQuery", other).map(|()| false),
-        }
+        ev.try_is_complete().map_err(|e| driver_err("cuEventQuery", e))
     }
 
     fn synchronize_event(&self, event: EventId) -> Result<(), DeviceError> {
-        self.bind()?;
-        // SAFETY: a live event.
-        check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(event.0 as sys::CUevent) })
+        let ev = self.handles.event(event)?;
+        ev.synchronize().map_err(|e| driver_err("cuEventSynchronize", e))
+    }
+
+    fn check_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        self.handles.stream(stream).map(drop)
     }
 
     fn synchronize_device(&self) -> Result<(), DeviceError> {
@@ -449,9 +575,67 @@ impl Device for CudaDevice {
     }
 
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
-        self.memory_call(|| {
-            // SAFETY: a stream handle the caller holds (0: the legacy default stream).
-            check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream.0 as sys::CUstream) })
-        })
+        let st = self.handles.stream(stream)?;
+        self.memory_call(|| st.synchronize().map_err(|e| driver_err("cuStreamSynchronize", e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table<String> {
+        Table::new("event", "not an event this device created, or destroyed already")
+    }
+
+    #[test]
+    fn an_unknown_id_is_an_invalid_handle_error() {
+        let t = table();
+        let e = t.get(7).unwrap_err();
+        assert_eq!(
+            e,
+            DeviceError::InvalidHandle {
+                what: "event",
+                id: 7,
+                why: "not an event this device created, or destroyed already"
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "unknown event 0x7: not an event this device created, or destroyed already"
+        );
+        assert_eq!(t.remove(7).unwrap_err(), e);
+    }
+
+    #[test]
+    fn the_first_object_registered_under_an_id_stays() {
+        let t = table();
+        t.insert(3, || Arc::new("first".into()));
+        t.insert(3, || panic!("not made again"));
+        assert_eq!(*t.get(3).unwrap(), "first");
+        assert!(t.contains(3));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_removed_id_is_unknown_but_its_object_lives_while_a_call_holds_it() {
+        let t = table();
+        t.insert(5, || Arc::new("ev".into()));
+        let in_use = t.get(5).unwrap();
+        let removed = t.remove(5).unwrap();
+        assert!(t.get(5).is_err(), "gone from the table at once");
+        assert!(t.remove(5).is_err(), "removing twice is an error, not a double destroy");
+        drop(removed);
+        assert_eq!(*in_use, "ev", "the call that looked it up still has it");
+        assert_eq!(Arc::strong_count(&in_use), 1, "and drops (destroys) it last");
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn without_a_driver_a_cuda_device_is_a_typed_error() {
+        if driver_present() {
+            return; // the GPU tests cover this machine
+        }
+        assert_eq!(CudaDevice::new(0).err(), Some(DeviceError::NoDriver));
     }
 }

@@ -41,7 +41,11 @@ impl<K: Copy> PendingFrees<K> {
             Some(e) => e,
             None => device.create_event()?,
         };
-        device.record_event(event, stream)?;
+        if let Err(e) = device.record_event(event, stream) {
+            // an unknown stream (Device::check_stream) leaves the event unused, not lost
+            self.spare.push(event);
+            return Err(e);
+        }
         self.queues.entry(stream).or_default().push_back((event, key));
         Ok(())
     }

@@ -4,6 +4,37 @@
 //! The engine never talks to CUDA directly. Everything it needs from a GPU goes through this
 //! trait, so the same algorithm runs on a real GPU ([`crate::CudaDevice`]) and on the simulated
 //! one ([`crate::SimDevice`]) that the tests, the replay engine and GPU-less machines use.
+//!
+//! Note [Stream and event ids are not handles]
+//! -------------------------------------------
+//! [`StreamId`] and [`EventId`] are plain numbers that anyone may make: the simulated device,
+//! the replay engine and the traces name streams by whatever numbers they like. A CUDA stream
+//! or event handle, though, is a pointer the driver dereferences; passing it a number that is
+//! not a live handle of this context is undefined behaviour. So no safe function here hands
+//! the driver a number the caller made up. [`crate::CudaDevice`] resolves every id through
+//! tables it owns:
+//! - events: only those it created itself ([`Device::create_event`]), until destroyed; their
+//!   ids are counters, so an id once destroyed never names another event;
+//! - streams: [`StreamId::DEFAULT`] (the legacy default stream), and streams registered with
+//!   [`crate::CudaDevice::stream_id`], which holds an `Arc` of the cudarc stream.
+//!
+//! Any other id is [`DeviceError::InvalidHandle`], never a driver call. The alternative,
+//! `unsafe` constructors of raw ids, would have put the proof on every caller, including the
+//! replay of traces whose stream numbers come from another process.
+//!
+//! The device keeps a registered stream alive for as long as it lives itself (every clone of
+//! it shares the table). The allocator keys its cache by stream id and may wait on a stream
+//! at any later time: a block freed after `record_stream` waits for an event recorded on that
+//! stream, and a block cached on a stream is handed out again only to that stream's id. Were a
+//! registered stream destroyed, its work could still be running while a new stream got the
+//! same handle value, and with it the old stream's cached blocks and pending waits. Holding
+//! the stream makes both impossible. The cost is that a registered stream outlives the
+//! program's last use of it until the allocator (for the global API: the process) ends, as
+//! PyTorch's own pool of streams does; programs should reuse streams rather than create one per
+//! step. The allocation stream of [`crate::Allocator::malloc`] is only a label for the cache
+//! (the engines pass the driver no stream but the default one), so it needs no registration;
+//! a stream given to [`crate::Allocator::record_stream`] does, and is checked there
+//! ([`Device::check_stream`]) rather than failing later at the free.
 
 pub(crate) mod cuda;
 pub(crate) mod events;
@@ -11,9 +42,11 @@ pub(crate) mod sim;
 
 use std::fmt;
 
-/// A stream handle. `StreamId(0)` is the default (legacy) stream; any other value names one
-/// distinct stream. For CUDA it is the raw `CUstream` pointer value, which is also the order
-/// PyTorch sorts its free lists by.
+/// A stream, by number. `StreamId(0)` is the default (legacy) stream; any other value names
+/// one distinct stream. It is an identifier, not a handle: anyone may make one, and a device
+/// decides what it means (Note \[Stream and event ids are not handles\] in this module). For
+/// [`crate::CudaDevice`] a real stream's id comes from [`crate::CudaDevice::stream_id`], and is
+/// the value of its `CUstream` pointer, which is also the order PyTorch sorts its free lists by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub u64);
 
@@ -28,7 +61,9 @@ impl fmt::Display for StreamId {
     }
 }
 
-/// An event handle created by [`Device::create_event`].
+/// An event, by number, as [`Device::create_event`] returned it. Like [`StreamId`] it is an
+/// identifier that anyone may make; a device answers an id it did not create (or has
+/// destroyed) with [`DeviceError::InvalidHandle`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId(pub u64);
 
@@ -48,6 +83,18 @@ pub enum DeviceError {
     /// A pointer or range the device does not know about.
     #[error("invalid device address {0:#x}: {1}")]
     InvalidAddress(u64, &'static str),
+    /// A stream or event id that does not name a live stream or event of this device: an
+    /// event it did not create or has destroyed, a stream not registered with it, or one of
+    /// another GPU (Note \[Stream and event ids are not handles\] in `device/mod.rs`).
+    #[error("unknown {what} {id:#x}: {why}")]
+    InvalidHandle {
+        /// `"stream"` or `"event"`.
+        what: &'static str,
+        /// The id.
+        id: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// This device does not implement the call (for example VMM on a GPU without it).
     #[error("not supported by this device: {0}")]
     Unsupported(&'static str),
@@ -132,6 +179,14 @@ pub trait Device: Send + Sync + 'static {
     fn create_event(&self) -> Result<EventId, DeviceError>;
     /// Destroys an event.
     fn destroy_event(&self, event: EventId) -> Result<(), DeviceError>;
+    /// Whether `stream` names a stream this device can record events on and wait for:
+    /// [`DeviceError::InvalidHandle`] if not. [`crate::Allocator::record_stream`] asks this
+    /// first, so that a bad stream is refused there and not at the free. Devices whose streams
+    /// are plain numbers (the simulated one) take any.
+    fn check_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        let _ = stream;
+        Ok(())
+    }
     /// Records `event` on `stream` (`cuEventRecord`).
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError>;
     /// Whether the work before `event` has finished (`cuEventQuery`).

@@ -266,6 +266,15 @@ fn check_remap(s: &State, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<()
     Ok(())
 }
 
+/// An event id this device did not create, or destroyed: an error, as on the GPU.
+fn unknown_event(event: EventId) -> DeviceError {
+    DeviceError::InvalidHandle {
+        what: "event",
+        id: event.0,
+        why: "not an event this device created, or destroyed already",
+    }
+}
+
 fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
@@ -300,7 +309,7 @@ impl State {
     }
 
     fn event(&mut self, event: EventId) -> Result<&mut Event, DeviceError> {
-        self.events.get_mut(&event.0).ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
+        self.events.get_mut(&event.0).ok_or_else(|| unknown_event(event))
     }
 }
 
@@ -478,7 +487,7 @@ impl Device for SimDevice {
 
     fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
-        s.events.remove(&event.0).map(|_| ()).ok_or(DeviceError::InvalidAddress(event.0, "unknown event"))
+        s.events.remove(&event.0).map(|_| ()).ok_or_else(|| unknown_event(event))
     }
 
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {
