@@ -14,7 +14,7 @@
 //! Unlike `cuMemFree`, `cuMemUnmap` does not wait for kernels still using the pages; unmapping
 //! early kills the context with an illegal-address error. The engines wait for the default
 //! stream, or for the whole device where other streams used the pages, before they call
-//! `unmap` (Note [Which wait before unmapping] in `packed/mod.rs`).
+//! `unmap` (Note [Which wait before unmapping] in `packed/waits.rs`).
 //!
 //! Streams and events reach the driver only through the tables of [`Handles`]: Note \[Stream
 //! and event ids are not handles\] in `device/mod.rs` says why.

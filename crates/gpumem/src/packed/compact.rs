@@ -13,7 +13,7 @@
 //! allocation of its own (Note [Chunk shapes] in `packed/alloc.rs`), a live block pins only
 //! the pages it touches, and only pages no live block touches are ever unmapped, after the
 //! events of the streams that freed them (Note [Which wait before unmapping] in
-//! `packed/mod.rs`). Measured on the twenty bundled traces, that reserves at most 1.015x the
+//! `packed/waits.rs`). Measured on the twenty bundled traces, that reserves at most 1.015x the
 //! live peak, as compaction did (docs/policy.md), for 8-50x the device calls over a whole
 //! replay (none once a periodic plan is followed). Compaction stays for programs in which no
 //! thread launches work while another allocates: with it, chunks are large (fewer calls) and
