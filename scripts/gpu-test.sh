@@ -11,7 +11,7 @@ echo "== gpumem demo --device cuda"
 "$B/gpumem" demo --device cuda || status=1
 # Replays of real traces on real memory, every block stamped and checked when freed: the
 # 24-step GPT-2 follows a periodic plan (no device call in its second half), the others
-# recycle and compact under live blocks; the offload trace frees blocks used on a side stream;
+# recycle pages (the default) or compact under live blocks (compaction:True); the offload trace frees blocks used on a side stream;
 # the decoding trace grows a KV cache by torch.cat at every token; diffusion sampling refuses
 # its periodic plan (Note [What a plan leaves outside its region]).
 echo "== gpumem replay --device cuda --check-contents"
@@ -19,7 +19,7 @@ T="$B/traces"
 if "$B/gpumem" replay "$T/gpt2_train_bf16_24steps.jsonl.gz" "$T/vit_train_amp_24steps.jsonl.gz" \
   "$T/offload_side_stream.jsonl.gz" "$T/bert_varlen_train.jsonl.gz" "$T/llm_decode_kvcache.jsonl.gz" \
   "$T/gan_train.jsonl.gz" "$T/diffusion_sampling.jsonl.gz" --device cuda -p gpumem \
-  -p gpumem:compaction:False --check-contents --json > /tmp/gpumem-contents.jsonl; then
+  -p gpumem:compaction:True --check-contents --json > /tmp/gpumem-contents.jsonl; then
   python3 - /tmp/gpumem-contents.jsonl <<'PY' || status=1
 import json, sys
 ok = True
