@@ -72,6 +72,11 @@ pub(crate) struct ReplayArgs {
     /// (memory handed out twice, or a page lost). On the GPU it is slow: timings mean nothing
     #[arg(long)]
     pub check_contents: bool,
+    /// Watch the replay with a stream-ordering oracle: report bytes freed on one stream and
+    /// handed to another, with (cross_stream_reuses) and without (stream_violations) a
+    /// completed wait in between; exit 1 on any violation
+    #[arg(long)]
+    pub check_streams: bool,
     /// Write the allocator's state at the end and its whole history as a PyTorch snapshot
     /// pickle (open it with pytorch.org/memory_viz); one trace and one policy only
     #[arg(long, value_name = "FILE")]

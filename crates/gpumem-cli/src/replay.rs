@@ -3,9 +3,10 @@
 use crate::args::{DeviceChoice, ReplayArgs, SummaryArgs};
 use crate::units::{gib, parse_size};
 use crate::Failure;
-use gpumem::{Policy, SimDevice, H100_CAPACITY};
+use gpumem::{Policy, SimDevice, StreamOracle, H100_CAPACITY};
 use gpumem_trace::{
-    read_trace, replay, replay_into, CudaReplayDevice, ReplayDevice, ReplayOptions, ReplayReport, Trace,
+    read_trace, replay, replay_into, CudaReplayDevice, ReplayDevice, ReplayError, ReplayOptions,
+    ReplayReport, Trace,
 };
 use std::io::IsTerminal;
 
@@ -38,6 +39,22 @@ fn progress_bar(trace: &Trace, policy: &Policy, show: bool) -> Option<indicatif:
     Some(bar)
 }
 
+/// Replays on `device`, watched by a stream-ordering oracle when `check_streams`.
+fn replay_on<D: ReplayDevice + 'static>(
+    trace: &Trace,
+    policy: &Policy,
+    device: D,
+    opts: &ReplayOptions,
+    check_streams: bool,
+    tick: &mut dyn FnMut(u64, u64),
+) -> Result<ReplayReport, ReplayError> {
+    if check_streams {
+        replay(trace, policy, StreamOracle::new(device), opts, tick)
+    } else {
+        replay(trace, policy, device, opts, tick)
+    }
+}
+
 pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     let policies = policies(&a.policies)?;
     let cap = capacity(&a.capacity)?;
@@ -45,6 +62,9 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
         return Err(Failure::Input("--capacity applies to the simulated device only".into()));
     }
     if let Some(out) = &a.snapshot {
+        if a.check_streams {
+            return Err(Failure::Input("--check-streams does not apply with --snapshot".into()));
+        }
         if a.traces.len() != 1 || policies.len() != 1 {
             return Err(Failure::Input("--snapshot needs exactly one trace and one --policy".into()));
         }
@@ -59,6 +79,7 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     let show_progress = !a.json && std::io::stdout().is_terminal();
     let mut rows = Vec::new();
     let mut lost = Vec::new();
+    let mut violation = None;
     for path in &a.traces {
         let trace = read_trace(path)?;
         for policy in &policies {
@@ -70,10 +91,12 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
                 }
             };
             let report = match a.device {
-                DeviceChoice::Sim => replay(&trace, policy, SimDevice::new(cap), &opts, &mut tick),
+                DeviceChoice::Sim => {
+                    replay_on(&trace, policy, SimDevice::new(cap), &opts, a.check_streams, &mut tick)
+                }
                 DeviceChoice::Cuda | DeviceChoice::Auto => {
                     let dev = CudaReplayDevice::new(0).map_err(Failure::work)?;
-                    replay(&trace, policy, dev, &opts, &mut tick)
+                    replay_on(&trace, policy, dev, &opts, a.check_streams, &mut tick)
                 }
             }
             .map_err(Failure::work)?;
@@ -88,6 +111,12 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
                     lost.push(format!("{} / {}: {bad} of {n}", report.trace, report.policy));
                 }
             }
+            if let (None, Some(v)) = (&violation, &report.first_stream_violation) {
+                violation = Some(format!(
+                    "{} / {}: memory handed to another stream before the work on it was known done: {v}",
+                    report.trace, report.policy
+                ));
+            }
             if a.json {
                 println!("{}", serde_json::to_string(&report).expect("reports serialize"));
             } else {
@@ -97,6 +126,9 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     }
     if !a.json {
         print_table(&rows, a.verify);
+    }
+    if let Some(v) = violation {
+        return Err(Failure::Work(v));
     }
     if !lost.is_empty() {
         return Err(Failure::Work(format!(
@@ -124,6 +156,10 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
     ];
     if verify {
         header.extend(["segments", "addresses"]);
+    }
+    let streams = rows.iter().any(|r| r.stream_violations.is_some());
+    if streams {
+        header.extend(["x-stream reuse", "violations"]);
     }
     let mut table = comfy_table::Table::new();
     // No borders: only a rule under the header, as plain as a Unix tool's output, so that it
@@ -155,6 +191,15 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
             };
             l.push(pair(r.segments_matched, r.segments_expected));
             l.push(pair(r.allocs_matched, r.allocs_expected));
+        }
+        if streams {
+            let bytes = |b: Option<u64>| b.map_or("-".into(), gpumem::format_size);
+            l.push(bytes(r.cross_stream_reuses));
+            l.push(match (r.stream_violations, r.stream_violation_count) {
+                (Some(b), Some(n)) if n > 0 => format!("{} in {n}", gpumem::format_size(b)),
+                (Some(_), _) => "0".into(),
+                _ => "-".into(),
+            });
         }
         table.add_row(l);
     }

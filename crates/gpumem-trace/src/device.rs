@@ -2,7 +2,7 @@
 //! it. Kept apart from the replay itself so that the replay, the contents check and the GPU's
 //! replay device all depend on this trait without depending on each other.
 
-use gpumem::{Device, DeviceError, SimDevice, StreamId};
+use gpumem::{Device, DeviceError, SimDevice, StreamId, StreamReport};
 
 /// What a replay needs from a device beyond [`Device`]: side streams whose completion it
 /// controls, preset segment addresses, and call counts.
@@ -31,6 +31,19 @@ pub trait ReplayDevice: Device + Clone {
     /// Reads the 8-byte word at `addr`; `None` where the memory under it is gone (the
     /// simulated device knows; a GPU would fault or read garbage).
     fn read_word(&self, addr: u64) -> Result<Option<u64>, DeviceError>;
+
+    /// The allocator returned `ptr` for `size` bytes on `stream`: news for a
+    /// [`gpumem::StreamOracle`] wrapped around the device (`--check-streams`); other devices
+    /// ignore it. So do the two below.
+    fn note_malloc(&self, _ptr: u64, _size: u64, _stream: StreamId) {}
+    /// The program used the live block at `ptr` on `stream` too.
+    fn note_record_stream(&self, _ptr: u64, _stream: StreamId) {}
+    /// The program is about to free the block at `ptr`.
+    fn note_free(&self, _ptr: u64) {}
+    /// What a stream-ordering oracle found, where the device is one.
+    fn stream_report(&self) -> Option<StreamReport> {
+        None
+    }
 }
 
 impl ReplayDevice for SimDevice {

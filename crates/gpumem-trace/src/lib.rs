@@ -18,12 +18,13 @@
 // Modules depend on each other in one direction only, so that each can be read and changed
 // without the ones above it: `error` and `model` (plain data) at the bottom; `read`, `write`
 // and `schedule` over them; `device` (the replay's view of a device) on its own; `contents`,
-// `cuda` and `replay` over `device`.
+// `cuda`, `oracle` and `replay` over `device`.
 mod contents;
 mod cuda;
 mod device;
 mod error;
 mod model;
+mod oracle;
 mod read;
 mod replay;
 mod schedule;

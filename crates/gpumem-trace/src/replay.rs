@@ -96,6 +96,20 @@ pub struct ReplayReport {
     /// Of those, keys whose value the replay reproduced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats_matched: Option<u64>,
+    /// Bytes freed with another stream's work on them and handed to a stream once that work
+    /// was known done (with `--check-streams`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_stream_reuses: Option<u64>,
+    /// Bytes handed to a stream before another stream's work on them was known done (with
+    /// `--check-streams`): any is a bug of the policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_violations: Option<u64>,
+    /// Allocations that handed out such bytes (with `--check-streams`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_violation_count: Option<u64>,
+    /// The first of them, described (with `--check-streams`, where there is one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_stream_violation: Option<String>,
     /// Inconsistent events skipped.
     pub skipped: u64,
     /// Why, with counts.
@@ -231,6 +245,7 @@ fn run<D: ReplayDevice>(
                 }
                 match alloc.malloc(size, stream) {
                     Ok(p) => {
+                        device.note_malloc(p, size, stream);
                         if checking {
                             write_stamps(device, id, p, size).map_err(AllocError::from)?;
                         }
@@ -254,6 +269,7 @@ fn run<D: ReplayDevice>(
                 let i = id as usize;
                 if !failed[i] {
                     check(id, ptrs[i], sizes[i])?;
+                    device.note_free(ptrs[i]);
                     alloc.free(ptrs[i])?;
                     live_requested -= sizes[i];
                     sizes[i] = 0;
@@ -264,6 +280,8 @@ fn run<D: ReplayDevice>(
                 if !failed[i] {
                     check(id, ptrs[i], sizes[i])?;
                     released[i] = true;
+                    device.note_record_stream(ptrs[i], device.side_stream(id));
+                    device.note_free(ptrs[i]);
                     alloc.record_stream(ptrs[i], device.side_stream(id))?;
                     alloc.free(ptrs[i])?;
                 }
@@ -298,6 +316,7 @@ fn run<D: ReplayDevice>(
     let stats = alloc.stats();
     let (maps, unmaps) = device.map_counts();
     let peak_reserved = stats.reserved_bytes.all().peak as u64;
+    let streams = device.stream_report();
     let mut report = ReplayReport {
         trace: trace.name(),
         policy: policy.to_string(),
@@ -326,6 +345,10 @@ fn run<D: ReplayDevice>(
         stats_matched: None,
         contents_checked: checking.then_some(checked),
         contents_corrupted: checking.then_some(corrupted),
+        cross_stream_reuses: streams.map(|s| s.cross_stream_reuses),
+        stream_violations: streams.map(|s| s.stream_violations),
+        stream_violation_count: streams.map(|s| s.stream_violation_count),
+        first_stream_violation: streams.and_then(|s| s.first_violation).map(|v| v.to_string()),
         skipped: skipped.len() as u64,
         skipped_reasons: BTreeMap::new(),
         live_at_end: sizes.iter().filter(|&&s| s > 0).count() as u64,

@@ -38,6 +38,7 @@
 
 pub(crate) mod cuda;
 pub(crate) mod events;
+pub(crate) mod oracle;
 pub(crate) mod sim;
 
 use std::fmt;
