@@ -100,6 +100,10 @@ pub enum AllocError {
     /// Bad allocator options.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An earlier call panicked inside the allocator, which may have left it half-updated;
+    /// it refuses further work rather than hand out memory from broken bookkeeping.
+    #[error("the allocator is unusable: an earlier call panicked inside it and may have left it half-updated; create a new allocator (and please report the panic)")]
+    Poisoned,
     /// The device failed in a way the allocator cannot recover from.
     #[error(transparent)]
     Device(#[from] DeviceError),
