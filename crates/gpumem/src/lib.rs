@@ -34,7 +34,7 @@ pub use allocator::Allocator;
 pub use common::format_size;
 pub use config::{AllocatorConfig, ConfigError, PackedOptions, Policy, PolicyKind, ENV_VAR};
 pub use device::cuda::{device_count, driver_present, CudaCounters, CudaDevice};
-pub use device::sim::{SimCounters, SimDevice, H100_CAPACITY};
+pub use device::sim::{SimCounters, SimDevice, H100_CAPACITY, MAX_SIM_CAPACITY};
 pub use device::{Device, DeviceError, EventId, StreamId};
 pub use error::{AllocError, OutOfMemory};
 pub use global::{

@@ -14,6 +14,12 @@ use std::sync::Arc;
 /// The total memory of an H100 80GB as `cuMemGetInfo` reports it: the default capacity.
 pub const H100_CAPACITY: u64 = 81079 << 20;
 
+/// The largest capacity a simulated GPU takes: 1 PiB, thousands of times any real one.
+/// Policies size their address ranges from the capacity (several times over), and the
+/// simulated addresses must stay far from the top of the 64-bit space; a larger capacity
+/// is taken as this.
+pub const MAX_SIM_CAPACITY: u64 = 1 << 50;
+
 /// Where fresh segment addresses start. Addresses preset from a trace (around `0x7f..`) lie
 /// far above, so the two never meet.
 const FRESH_BASE: u64 = 0x1000_0000_0000;
@@ -101,11 +107,11 @@ impl Default for SimDevice {
 }
 
 impl SimDevice {
-    /// A simulated GPU with `capacity` bytes of memory.
+    /// A simulated GPU with `capacity` bytes of memory (at most [`MAX_SIM_CAPACITY`]).
     pub fn new(capacity: u64) -> SimDevice {
         SimDevice {
             state: Arc::new(Mutex::new(State {
-                capacity,
+                capacity: capacity.min(MAX_SIM_CAPACITY),
                 used: 0,
                 next_fresh: FRESH_BASE,
                 next_va: VA_BASE,
