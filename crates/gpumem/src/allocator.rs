@@ -319,6 +319,23 @@ mod tests {
     }
 
     #[test]
+    fn a_request_larger_than_the_gpu_says_so() {
+        for policy in Policy::NAMES {
+            let a = Allocator::with_policy(SimDevice::new(1 << 30), &Policy::parse(policy).unwrap()).unwrap();
+            let _live = a.malloc(512 << 20, StreamId::DEFAULT).unwrap();
+            let e = a.malloc(3 << 30, StreamId::DEFAULT).unwrap_err().to_string();
+            assert!(
+                e.contains("The request alone") && e.contains("larger than the GPU's total memory"),
+                "{policy}: {e}"
+            );
+            assert!(!e.contains("hold nearly all"), "{policy}: {e}");
+            // a request that would fit an empty GPU keeps the usual hint
+            let e = a.malloc(900 << 20, StreamId::DEFAULT).unwrap_err().to_string();
+            assert!(!e.contains("The request alone"), "{policy}: {e}");
+        }
+    }
+
+    #[test]
     fn a_call_made_while_unwinding_does_not_poison() {
         let a =
             std::sync::Arc::new(Allocator::new(SimDevice::new(1 << 30), AllocatorConfig::default()).unwrap());
