@@ -338,3 +338,17 @@ fn errors_quote_input_safely() {
     let e = err(b"{\"a\": \"alloc\", \"p\": 1, \"s\": \"\\u001b[31mred\"}\n");
     assert!(!e.chars().any(char::is_control), "{e:?}");
 }
+
+#[test]
+fn events_that_wrap_the_address_space_are_malformed() {
+    let e = err(b"{\"a\": \"alloc\", \"p\": 18446744073709551615, \"s\": 2}\n");
+    assert!(
+        e.starts_with("bad.trace: line 1: alloc at 0xffffffffffffffff of 2 bytes runs past the end"),
+        "{e}"
+    );
+    let csv = b"Thread,Time,Action,Pointer,Size,Stream\n1,2,allocate,0xfffffffffffff000,8192,0x0\n";
+    assert!(err(csv).starts_with("bad.trace: line 2: "), "{}", err(csv));
+    // the last byte of the space is fine
+    let ok = b"{\"a\": \"alloc\", \"p\": 18446744073709551614, \"s\": 1}\n";
+    assert_eq!(read_trace_bytes("t", ok).unwrap().events.len(), 1);
+}

@@ -109,6 +109,22 @@ fn check_events(path: &str, trace: Trace) -> Result<Trace, TraceError> {
     if trace.events.is_empty() {
         return Err(TraceError::new(path, Location::File, "the trace has no allocator events"));
     }
+    // A block or segment that runs past the top of the 64-bit address space exists on no
+    // device; refusing it here keeps every later `addr + size` from wrapping.
+    let wraps =
+        |e: &&crate::model::Event| e.action != gpumem::Action::Oom && e.addr.checked_add(e.size).is_none();
+    if let Some(e) = trace.events.iter().find(wraps) {
+        return Err(TraceError::new(
+            path,
+            e.origin,
+            format!(
+                "{} at {:#x} of {} bytes runs past the end of the 64-bit address space",
+                e.action.name(),
+                e.addr,
+                e.size
+            ),
+        ));
+    }
     Ok(trace)
 }
 
