@@ -311,6 +311,17 @@ fn endless_and_special_files_are_refused_at_once() {
         one_line_exit(&o, 2, p);
         assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
     }
+    // an output path that would drive the terminal is escaped too
+    let o = gpumem(&[
+        "replay",
+        &data("lstm_varlen_train.jsonl.gz"),
+        "-p",
+        "torch",
+        "--snapshot",
+        "/no/such/dir/\u{1b}[2J.pickle",
+    ]);
+    one_line_exit(&o, 2, "evil --snapshot path");
+    assert!(!stderr(&o).contains('\u{1b}'), "{:?}", stderr(&o));
     // a file name that would drive the terminal is escaped
     let evil = dir.join("a\u{1b}[2Jb.jsonl");
     std::fs::write(&evil, b"garbage").unwrap();
