@@ -352,3 +352,17 @@ fn events_that_wrap_the_address_space_are_malformed() {
     let ok = b"{\"a\": \"alloc\", \"p\": 18446744073709551614, \"s\": 1}\n";
     assert_eq!(read_trace_bytes("t", ok).unwrap().events.len(), 1);
 }
+
+#[test]
+fn pickles_nested_just_under_the_limit_decode_on_a_small_stack() {
+    // {"segments": [[[...]]]} nested 190 deep: accepted by the scan, then decoded and
+    // dropped recursively by serde-pickle; run on a thread of 1 MiB of stack, half a test
+    // thread's, in a debug build
+    let mut p = vec![0x80, 2, b'}', 0x8c, 8];
+    p.extend(b"segments");
+    p.extend(std::iter::repeat_n(b']', 190));
+    p.extend(std::iter::repeat_n(b'a', 189));
+    p.extend([b's', b'.']);
+    let e = std::thread::Builder::new().stack_size(1 << 20).spawn(move || err(&p)).unwrap().join().unwrap();
+    assert!(e.contains("no \"device_traces\""), "{e}");
+}
