@@ -57,7 +57,7 @@ fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
     let c = parse_size(s).map_err(Failure::Input)?;
     if c > MAX_SIM_CAPACITY {
         return Err(Failure::Input(format!(
-            "bad size {}: more than 1 PiB, which no GPU comes near (the simulated device takes at most 1PiB)",
+            "bad size {}: more than 16 TiB, which no GPU comes near (the simulated device takes at most 16TiB)",
             gpumem_trace::quote(s)
         )));
     }

@@ -14,11 +14,11 @@ use std::sync::Arc;
 /// The total memory of an H100 80GB as `cuMemGetInfo` reports it: the default capacity.
 pub const H100_CAPACITY: u64 = 81079 << 20;
 
-/// The largest capacity a simulated GPU takes: 1 PiB, thousands of times any real one.
-/// Policies size their address ranges from the capacity (several times over), and the
-/// simulated addresses must stay far from the top of the 64-bit space; a larger capacity
-/// is taken as this.
-pub const MAX_SIM_CAPACITY: u64 = 1 << 50;
+/// The largest capacity a simulated GPU takes: 16 TiB, some fifty times the largest GPU's
+/// memory. Policies size their address ranges from the capacity (several times over), and
+/// PyTorch's expandable segments map a request page by page (a 150 TiB request on a 1 PiB
+/// device took minutes of map calls, found by fuzzing); a larger capacity is taken as this.
+pub const MAX_SIM_CAPACITY: u64 = 1 << 44;
 
 /// Where fresh segment addresses start. Addresses preset from a trace (around `0x7f..`) lie
 /// far above, so the two never meet.
