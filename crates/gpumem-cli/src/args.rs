@@ -87,9 +87,9 @@ pub(crate) struct ReplayArgs {
 pub(crate) struct SummaryArgs {
     /// The trace file
     pub trace: String,
-    /// Policy
-    #[arg(long, short = 'p', default_value = "gpumem")]
-    pub policy: String,
+    /// Policy, optionally with options (default: gpumem, or the one GPUMEM_ALLOC_CONF selects)
+    #[arg(long, short = 'p')]
+    pub policy: Option<String>,
     /// Capacity of the simulated device
     #[arg(long)]
     pub capacity: Option<String>,
@@ -108,13 +108,24 @@ pub(crate) struct InfoArgs {
     pub json: bool,
 }
 
+/// The most threads `bench` runs: each takes a stream (on a GPU, a real one) and a share of
+/// the cores; beyond this a count is a typo, not a measurement.
+pub(crate) const MAX_THREADS: usize = 256;
+
+fn threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a thread count from 1 to {MAX_THREADS}")),
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct BenchArgs {
     /// Device to measure on
     #[arg(long, value_enum, default_value = "sim")]
     pub device: DeviceChoice,
-    /// Up to this many threads (powers of two)
-    #[arg(long, default_value_t = 8)]
+    /// Up to this many threads (powers of two), 1 to 256
+    #[arg(long, default_value_t = 8, value_parser = threads)]
     pub threads: usize,
     /// One JSON object per line
     #[arg(long)]

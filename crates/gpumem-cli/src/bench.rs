@@ -220,7 +220,14 @@ pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
     let use_cuda = match a.device {
         DeviceChoice::Sim => false,
         DeviceChoice::Cuda => true,
-        DeviceChoice::Auto => CudaDevice::new(0).is_ok(),
+        DeviceChoice::Auto => match CudaDevice::new(0) {
+            Ok(_) => true,
+            Err(e) => {
+                // on stderr: stdout may be JSON
+                eprintln!("gpumem: no GPU here ({e}): measuring on the simulated device instead");
+                false
+            }
+        },
     };
     if use_cuda {
         let dev = CudaDevice::new(0).map_err(Failure::work)?;

@@ -39,6 +39,25 @@ impl From<gpumem_trace::TraceError> for Failure {
     }
 }
 
+/// An error for the terminal: one line, control characters escaped (a file name or an
+/// option may hold any), and cut where it runs long.
+fn one_line(m: &str) -> String {
+    const MAX: usize = 2000;
+    let mut out = String::new();
+    for (i, c) in m.chars().enumerate() {
+        if i == MAX {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     // Like any Unix tool, end quietly when the reader of our output goes away (`| head`),
     // instead of failing to print.
@@ -57,11 +76,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(m)) => {
-            eprintln!("gpumem: {m}");
+            eprintln!("gpumem: {}", one_line(&m));
             ExitCode::from(2)
         }
         Err(Failure::Work(m)) => {
-            eprintln!("gpumem: {m}");
+            eprintln!("gpumem: {}", one_line(&m));
             ExitCode::from(1)
         }
     }

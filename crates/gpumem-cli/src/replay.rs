@@ -3,7 +3,10 @@
 use crate::args::{DeviceChoice, ReplayArgs, SummaryArgs};
 use crate::units::{gib, parse_size};
 use crate::Failure;
-use gpumem::{Policy, SimDevice, StreamOracle, H100_CAPACITY};
+use gpumem::{
+    AllocatorConfig, ConfigError, Policy, PolicyKind, SimDevice, StreamOracle, ENV_VAR, H100_CAPACITY,
+    MAX_SIM_CAPACITY,
+};
 use gpumem_trace::{
     read_trace, replay, replay_into, CudaReplayDevice, ReplayDevice, ReplayError, ReplayOptions,
     ReplayReport, Trace,
@@ -13,17 +16,97 @@ use std::io::IsTerminal;
 /// Traces of more events than this show a progress bar (on a terminal, without --json).
 const PROGRESS_MIN_EVENTS: usize = 200_000;
 
+/// The policies to replay: those named on the command line (all three where none is), with
+/// the options of `GPUMEM_ALLOC_CONF` where it is set, as a program run under it would
+/// have them. The command line's options come after the variable's, so they win; with the
+/// variable set and no `--policy`, the one policy it selects.
 fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
-    let names: Vec<String> =
-        if names.is_empty() { Policy::NAMES.iter().map(|s| s.to_string()).collect() } else { names.to_vec() };
-    names.iter().map(|n| Policy::parse(n).map_err(Failure::input)).collect()
+    let env = std::env::var(ENV_VAR).ok().filter(|s| !s.trim().is_empty());
+    let Some(env) = env else {
+        let names: Vec<String> = if names.is_empty() {
+            Policy::NAMES.iter().map(|s| s.to_string()).collect()
+        } else {
+            names.to_vec()
+        };
+        return names.iter().map(|n| Policy::parse(n).map_err(Failure::input)).collect();
+    };
+    // the variable alone first, so that its own mistakes are reported as its
+    let mut conf = AllocatorConfig::from_env().map_err(Failure::input)?;
+    let bad = |e: ConfigError, n: &str| {
+        Failure::Input(format!("{ENV_VAR} with --policy {}: {}", gpumem_trace::quote(n), e.0))
+    };
+    if names.is_empty() {
+        let kind = conf
+            .settle_policy(PolicyKind::DEFAULT)
+            .map_err(|e| Failure::Input(format!("{ENV_VAR}: {}", e.0)))?;
+        let name = Policy::kind_name(kind);
+        return Ok(vec![Policy::parse(&format!("{name}:{env}")).map_err(|e| bad(e, name))?]);
+    }
+    names
+        .iter()
+        .map(|n| {
+            let (name, opts) = n.split_once(':').unwrap_or((n, ""));
+            let all = if opts.trim().is_empty() { env.clone() } else { format!("{env},{opts}") };
+            Policy::parse(&format!("{name}:{all}")).map_err(|e| bad(e, n))
+        })
+        .collect()
 }
 
 fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
-    match arg {
-        None => Ok(H100_CAPACITY),
-        Some(s) => parse_size(s).map_err(Failure::Input),
+    let Some(s) = arg else {
+        return Ok(H100_CAPACITY);
+    };
+    let c = parse_size(s).map_err(Failure::Input)?;
+    if c > MAX_SIM_CAPACITY {
+        return Err(Failure::Input(format!(
+            "bad size {}: more than 16 TiB, which no GPU comes near (the simulated device takes at most 16TiB)",
+            gpumem_trace::quote(s)
+        )));
     }
+    Ok(c)
+}
+
+/// Where a replay runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Sim,
+    Cuda,
+}
+
+/// `--device`: `auto` is the GPU where one is present, else the simulated device, said on
+/// stderr (stdout may be JSON).
+fn target(choice: DeviceChoice) -> Target {
+    match choice {
+        DeviceChoice::Sim => Target::Sim,
+        DeviceChoice::Cuda => Target::Cuda,
+        DeviceChoice::Auto => match CudaReplayDevice::new(0) {
+            Ok(_) => Target::Cuda,
+            Err(e) => {
+                eprintln!("gpumem: no GPU here ({e}): replaying on the simulated device instead");
+                Target::Sim
+            }
+        },
+    }
+}
+
+/// `--verify` compares the `torch` policy with what PyTorch recorded, handing out the
+/// trace's own segment addresses, which only the simulated device can do.
+fn check_verify(verify: bool, policies: &[Policy], target: Target) -> Result<(), Failure> {
+    if !verify {
+        return Ok(());
+    }
+    if target == Target::Cuda {
+        return Err(Failure::Input(
+            "--verify needs the simulated device, which hands out the trace's own segment addresses; a real GPU cannot (drop --device cuda)".into(),
+        ));
+    }
+    if let Some(p) = policies.iter().find(|p| p.kind != PolicyKind::Torch) {
+        return Err(Failure::Input(format!(
+            "--verify checks PyTorch's own algorithm against the trace, so it applies to the torch policy only, not {} (use --policy torch)",
+            gpumem_trace::quote(&p.to_string())
+        )));
+    }
+    Ok(())
 }
 
 fn progress_bar(trace: &Trace, policy: &Policy, show: bool) -> Option<indicatif::ProgressBar> {
@@ -58,9 +141,11 @@ fn replay_on<D: ReplayDevice + 'static>(
 pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     let policies = policies(&a.policies)?;
     let cap = capacity(&a.capacity)?;
-    if a.device == DeviceChoice::Cuda && a.capacity.is_some() {
+    let target = target(a.device);
+    if target == Target::Cuda && a.capacity.is_some() {
         return Err(Failure::Input("--capacity applies to the simulated device only".into()));
     }
+    check_verify(a.verify, &policies, target)?;
     if let Some(out) = &a.snapshot {
         if a.check_streams {
             return Err(Failure::Input("--check-streams does not apply with --snapshot".into()));
@@ -68,7 +153,7 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
         if a.traces.len() != 1 || policies.len() != 1 {
             return Err(Failure::Input("--snapshot needs exactly one trace and one --policy".into()));
         }
-        return dump_snapshot(&a.traces[0], &policies[0], cap, a, out);
+        return dump_snapshot(&a.traces[0], &policies[0], cap, target, a, out);
     }
     let opts = ReplayOptions {
         verify: a.verify,
@@ -80,6 +165,7 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     let mut rows = Vec::new();
     let mut lost = Vec::new();
     let mut violation = None;
+    let mut ooms = Vec::new();
     for path in &a.traces {
         let trace = read_trace(path)?;
         for policy in &policies {
@@ -90,11 +176,11 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
                     b.set_position(done);
                 }
             };
-            let report = match a.device {
-                DeviceChoice::Sim => {
+            let report = match target {
+                Target::Sim => {
                     replay_on(&trace, policy, SimDevice::new(cap), &opts, a.check_streams, &mut tick)
                 }
-                DeviceChoice::Cuda | DeviceChoice::Auto => {
+                Target::Cuda => {
                     let dev = CudaReplayDevice::new(0).map_err(Failure::work)?;
                     replay_on(&trace, policy, dev, &opts, a.check_streams, &mut tick)
                 }
@@ -117,6 +203,9 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
                     report.trace, report.policy
                 ));
             }
+            if report.ooms > 0 {
+                ooms.push(format!("{} / {}: {}", report.trace, report.policy, report.ooms));
+            }
             if a.json {
                 println!("{}", serde_json::to_string(&report).expect("reports serialize"));
             } else {
@@ -129,6 +218,9 @@ pub(crate) fn run_replay(a: &ReplayArgs) -> Result<(), Failure> {
     }
     if let Some(v) = violation {
         return Err(Failure::Work(v));
+    }
+    if !ooms.is_empty() {
+        return Err(Failure::Work(format!("allocations failed with out of memory ({})", ooms.join(", "))));
     }
     if !lost.is_empty() {
         return Err(Failure::Work(format!(
@@ -234,25 +326,37 @@ fn print_table(rows: &[ReplayReport], verify: bool) {
     }
 }
 
-fn dump_snapshot(path: &str, policy: &Policy, cap: u64, a: &ReplayArgs, out: &str) -> Result<(), Failure> {
+fn dump_snapshot(
+    path: &str,
+    policy: &Policy,
+    cap: u64,
+    target: Target,
+    a: &ReplayArgs,
+    out: &str,
+) -> Result<(), Failure> {
     let trace = read_trace(path)?;
     // create the file first: a bad path is bad input, found before the work
     let file =
         std::fs::File::create(out).map_err(|e| Failure::Input(format!("{out}: cannot create: {e}")))?;
     let opts =
         ReplayOptions { verify: a.verify, strict: a.strict, record_history: true, ..Default::default() };
-    let report = match a.device {
-        DeviceChoice::Sim => replay_and_write(&trace, policy, SimDevice::new(cap), &opts, file, out)?,
-        DeviceChoice::Cuda | DeviceChoice::Auto => {
+    let report = match target {
+        Target::Sim => replay_and_write(&trace, policy, SimDevice::new(cap), &opts, file, out)?,
+        Target::Cuda => {
             let dev = CudaReplayDevice::new(0).map_err(Failure::work)?;
             replay_and_write(&trace, policy, dev, &opts, file, out)?
         }
     };
+    let ooms = report.ooms;
+    let label = format!("{} / {}", report.trace, report.policy);
     if a.json {
         println!("{}", serde_json::to_string(&report).expect("reports serialize"));
     } else {
         print_table(&[report], a.verify);
         println!("snapshot written to {out} (open it at pytorch.org/memory_viz)");
+    }
+    if ooms > 0 {
+        return Err(Failure::Work(format!("allocations failed with out of memory ({label}: {ooms})")));
     }
     Ok(())
 }
@@ -276,7 +380,13 @@ fn replay_and_write<D: ReplayDevice + 'static>(
 }
 
 pub(crate) fn run_summary(a: &SummaryArgs) -> Result<(), Failure> {
-    let policy = Policy::parse(&a.policy).map_err(Failure::input)?;
+    // the named policy (with GPUMEM_ALLOC_CONF's options), else the one the variable
+    // selects, else gpumem
+    let policy = match &a.policy {
+        Some(p) => policies(std::slice::from_ref(p))?.remove(0),
+        None if std::env::var(ENV_VAR).is_ok_and(|v| !v.trim().is_empty()) => policies(&[])?.remove(0),
+        None => Policy::parse("gpumem").map_err(Failure::input)?,
+    };
     let cap = capacity(&a.capacity)?;
     let trace = read_trace(&a.trace)?;
     let stop_after = if a.at_end {

@@ -198,3 +198,135 @@ fn replay_writes_a_snapshot_pytorch_can_open() {
     assert_eq!(o.status.code(), Some(2), "several policies and --snapshot is a usage error");
     std::fs::remove_file(&out).ok();
 }
+
+fn gpumem_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn one_line_exit(o: &Output, code: i32, what: &str) {
+    assert_eq!(o.status.code(), Some(code), "{what}: {}", stderr(o));
+    assert_eq!(stderr(o).trim_end().lines().count(), 1, "{what}: {}", stderr(o));
+}
+
+#[test]
+fn impossible_sizes_and_counts_are_usage_errors() {
+    let trace = data("resnet50_train.jsonl.gz");
+    // once: a debug build panicked, a release build failed every allocation and exited 0
+    let o = gpumem(&["replay", &trace, "--capacity", "9000000T", "-p", "gpumem"]);
+    one_line_exit(&o, 2, "--capacity 9000000T");
+    assert!(stderr(&o).contains("16 TiB"), "{}", stderr(&o));
+    for n in ["0", "257", "100000000"] {
+        let o = gpumem(&["bench", "--threads", n]);
+        assert_eq!(o.status.code(), Some(2), "--threads {n}: {}", stderr(&o));
+        assert!(stderr(&o).contains("1 to 256"), "{}", stderr(&o));
+    }
+    let o = gpumem(&["replay", &trace, "-p", "torch:max_split_size_mb:99999999999999999"]);
+    one_line_exit(&o, 2, "max_split_size_mb beyond 1 EiB");
+}
+
+#[test]
+fn a_replay_that_runs_out_of_memory_exits_1_after_its_table() {
+    let o = gpumem(&["replay", &data("resnet50_train.jsonl.gz"), "-p", "torch", "--capacity", "1GiB"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stdout(&o).contains("peak reserved"), "the table comes first: {}", stdout(&o));
+    assert!(stderr(&o).contains("out of memory"), "{}", stderr(&o));
+    let o =
+        gpumem(&["replay", &data("resnet50_train.jsonl.gz"), "-p", "torch", "--capacity", "1GiB", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("\"ooms\":"), "{}", stdout(&o));
+}
+
+#[test]
+fn device_auto_falls_back_to_the_simulated_device_and_says_so() {
+    if gpumem::driver_present() {
+        eprintln!("skipped: a driver is present");
+        return;
+    }
+    let o =
+        gpumem(&["replay", &data("lstm_varlen_train.jsonl.gz"), "-p", "torch", "--device", "auto", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("simulated device instead"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("\"device\":\"sim\""), "{}", stdout(&o));
+}
+
+#[test]
+fn verify_where_it_cannot_apply_is_a_usage_error() {
+    let trace = data("lstm_varlen_train.jsonl.gz");
+    for (args, why) in [
+        (vec!["replay", &trace, "--verify", "-p", "gpumem"], "torch policy only"),
+        (vec!["replay", &trace, "--verify", "-p", "torch-expandable"], "torch policy only"),
+        (vec!["replay", &trace, "--verify"], "torch policy only"),
+        (vec!["replay", &trace, "--verify", "-p", "torch", "--device", "cuda"], "simulated device"),
+    ] {
+        let o = gpumem(&args);
+        one_line_exit(&o, 2, &format!("{args:?}"));
+        assert!(stderr(&o).contains(why), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn replay_and_summary_apply_gpumem_alloc_conf() {
+    let trace = data("lstm_varlen_train.jsonl.gz");
+    let env = [("GPUMEM_ALLOC_CONF", "max_split_size_mb:64")];
+    // the options join the policy named on the command line
+    let o = gpumem_env(&["replay", &trace, "-p", "torch", "--json"], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("\"policy\":\"torch:max_split_size_mb:64"), "{}", stdout(&o));
+    // without --policy, the policy they select
+    let o = gpumem_env(&["replay", &trace, "--json"], &env);
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+    assert!(stdout(&o).contains("\"policy\":\"torch:"), "{}", stdout(&o));
+    let o = gpumem_env(&["summary", &trace], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("max_split_size_mb:64"), "{}", stdout(&o));
+    // a bad value is a usage error that names the variable
+    for args in [vec!["replay", &trace], vec!["summary", &trace], vec!["replay", &trace, "-p", "gpumem"]] {
+        let o = gpumem_env(&args, &[("GPUMEM_ALLOC_CONF", "max_split_size_mb:lots")]);
+        one_line_exit(&o, 2, &format!("{args:?}"));
+        assert!(stderr(&o).contains("GPUMEM_ALLOC_CONF"), "{}", stderr(&o));
+    }
+    // options that do not apply to the named policy
+    let o = gpumem_env(&["replay", &trace, "-p", "gpumem"], &env);
+    one_line_exit(&o, 2, "torch-only option under -p gpumem");
+    assert!(stderr(&o).contains("GPUMEM_ALLOC_CONF"), "{}", stderr(&o));
+}
+
+#[test]
+fn endless_and_special_files_are_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("gpumem-cli-special-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("t.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+    let mut paths = vec!["/dev/zero".to_string(), "/dev/urandom".to_string()];
+    if made {
+        paths.push(fifo.to_str().unwrap().to_string());
+    }
+    for p in &paths {
+        let o = gpumem(&["replay", p]);
+        one_line_exit(&o, 2, p);
+        assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    }
+    // an output path that would drive the terminal is escaped too
+    let o = gpumem(&[
+        "replay",
+        &data("lstm_varlen_train.jsonl.gz"),
+        "-p",
+        "torch",
+        "--snapshot",
+        "/no/such/dir/\u{1b}[2J.pickle",
+    ]);
+    one_line_exit(&o, 2, "evil --snapshot path");
+    assert!(!stderr(&o).contains('\u{1b}'), "{:?}", stderr(&o));
+    // a file name that would drive the terminal is escaped
+    let evil = dir.join("a\u{1b}[2Jb.jsonl");
+    std::fs::write(&evil, b"garbage").unwrap();
+    let o = gpumem(&["replay", evil.to_str().unwrap()]);
+    one_line_exit(&o, 2, "evil name");
+    assert!(!stderr(&o).contains('\u{1b}'), "{:?}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}

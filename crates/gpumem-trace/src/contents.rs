@@ -19,11 +19,15 @@ const MAX_STAMPS: usize = 64;
 
 /// Where a block of `size` bytes at `ptr` gets its stamps (8-byte aligned addresses).
 fn stamp_addrs(ptr: u64, size: u64) -> Vec<u64> {
+    // a block that would wrap the address space gets none (no device hands one out)
+    let Some(end) = ptr.checked_add(size) else {
+        return Vec::new();
+    };
     if size < 8 || !ptr.is_multiple_of(8) {
         return Vec::new();
     }
-    let last = (ptr + size - 8) / 8 * 8;
-    let first_page = ptr.div_ceil(PAGE) * PAGE;
+    let last = (end - 8) / 8 * 8;
+    let first_page = ptr.checked_next_multiple_of(PAGE).unwrap_or(u64::MAX);
     let pages: Vec<u64> = (first_page..last).step_by(PAGE as usize).filter(|&a| a > ptr).collect();
     let step = pages.len().div_ceil(MAX_STAMPS - 2).max(1);
     let mut out = vec![ptr];
@@ -99,6 +103,10 @@ mod tests {
         assert!(big.len() <= MAX_STAMPS, "{}", big.len());
         assert_eq!(big.last(), Some(&(769 * PAGE - 8)));
         assert_ne!(stamp(1, PAGE), stamp(2, PAGE));
+        // at the top of the address space: no wrap, no panic
+        assert_eq!(stamp_addrs(u64::MAX - 15, 8), vec![u64::MAX - 15]);
+        assert!(stamp_addrs(u64::MAX - 7, 8).is_empty() && stamp_addrs(u64::MAX - 7, 16).is_empty());
+        assert_eq!(stamp_addrs(u64::MAX - PAGE - 15, PAGE + 8).last(), Some(&(u64::MAX - 15)));
         assert_ne!(stamp(1, PAGE), stamp(1, 2 * PAGE));
     }
 }

@@ -47,10 +47,52 @@ impl fmt::Display for TraceError {
 }
 
 impl TraceError {
+    /// An error at `location` of `path`. The message may quote the input (through the
+    /// parsers' own messages too), so it is made safe here: control characters escaped, so
+    /// that it stays one line and cannot drive the terminal, and cut to a few hundred
+    /// characters, so that a 100 KB line does not come back whole.
     pub(crate) fn new(path: &str, location: Location, message: impl Into<String>) -> TraceError {
         let message: String = message.into();
-        // one line, always
-        let message = message.replace('\n', " ");
-        TraceError { path: path.to_string(), location, message }
+        TraceError { path: escape(path, MAX_PATH), location, message: escape(&message, MAX_MESSAGE) }
     }
+}
+
+/// The longest message an error keeps, in characters.
+const MAX_MESSAGE: usize = 400;
+/// The longest path an error keeps.
+const MAX_PATH: usize = 400;
+/// The longest piece of input a message quotes.
+const MAX_QUOTE: usize = 80;
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`) and cut after `max` characters
+/// (marked with `...`).
+fn escape(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
+        }
+        // bidirectional overrides too: they reorder what the terminal shows
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A piece of input, for a message: in double quotes, its control characters and quotes
+/// escaped, and cut after 80 characters. Every reader quotes what it read through this, so
+/// that a hostile file cannot put a newline, an escape sequence or a whole line of its own
+/// into an error.
+///
+/// ```
+/// assert_eq!(gpumem_trace::quote("teleport"), "\"teleport\"");
+/// assert_eq!(gpumem_trace::quote("a\u{1b}[2J\n"), "\"a\\u{1b}[2J\\n\"");
+/// assert!(gpumem_trace::quote(&"x".repeat(100_000)).len() < 100);
+/// ```
+pub fn quote(s: &str) -> String {
+    format!("\"{}\"", escape(&s.replace('"', "\\\""), MAX_QUOTE))
 }

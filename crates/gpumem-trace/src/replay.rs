@@ -252,7 +252,7 @@ fn run<D: ReplayDevice>(
                         ptrs[i] = p;
                         sizes[i] = size;
                         allocs_matched += (p == addr) as u64;
-                        live_requested += size;
+                        live_requested = live_requested.saturating_add(size);
                         if live_requested > peak_requested {
                             peak_requested = live_requested;
                             peak_op = done;

@@ -227,3 +227,142 @@ fn a_snapshot_converts_to_json_lines_and_back() {
     };
     assert_eq!(strip(&back.events), strip(&t.events));
 }
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(bytes).unwrap();
+    z.finish().unwrap()
+}
+
+#[test]
+fn compressed_non_traces_are_refused_at_their_first_bytes() {
+    // 64 MiB of zeros in 64 KB of gzip: refused from its head, not decompressed whole
+    let zeros = gzip(&vec![0u8; 64 << 20]);
+    assert!(zeros.len() < 200_000);
+    let e = err(&zeros);
+    assert!(e.starts_with("bad.trace: byte 0: not a trace"), "{e}");
+    // a JSON line that never ends: refused at the line limit
+    let mut endless = b"{\"a\": \"".to_vec();
+    endless.resize(32 << 20, b'x');
+    let e = err(&gzip(&endless));
+    assert!(e.starts_with("bad.trace: line 1: a line longer than 1 MiB"), "{e}");
+    // the same in an RMM log (a quoted field that never ends)
+    let mut csv = b"Thread,Time,Action,Pointer,Size,Stream\n1,2,\"".to_vec();
+    csv.resize(32 << 20, b'y');
+    let e = err(&gzip(&csv));
+    assert!(e.starts_with("bad.trace: line 2: a line longer than 1 MiB"), "{e}");
+    // nothing but blank space
+    let e = err(&gzip(&vec![b' '; 8 << 20]));
+    assert!(e.contains("blank space"), "{e}");
+    // a good first line, then garbage: stops at the first bad line
+    let mut lines = b"{\"a\": \"alloc\", \"p\": 1, \"s\": 2}\n".to_vec();
+    lines.extend(std::iter::repeat_n(b'\x01', 1 << 20));
+    let e = err(&gzip(&lines));
+    assert!(e.starts_with("bad.trace: line 2: "), "{e}");
+}
+
+#[test]
+fn blank_lines_before_a_trace_keep_line_numbers() {
+    let mut text = vec![b'\n'; 50_000];
+    text.extend(b"{\"a\": \"teleport\", \"p\": 1, \"s\": 2}\n");
+    assert!(err(&text).starts_with("bad.trace: line 50001: unknown action"), "{}", err(&text));
+}
+
+#[test]
+fn pickles_that_nest_or_copy_without_bound_are_refused() {
+    // 1M nested lists: decoding (or dropping) them recursively would overflow the stack
+    let mut deep = vec![0x80, 2];
+    deep.extend(std::iter::repeat_n(b']', 1_000_000));
+    deep.extend(std::iter::repeat_n(b'a', 999_999));
+    deep.push(b'.');
+    let e = err(&deep);
+    assert!(e.contains("nested more than"), "{e}");
+    // a list paired with itself 60 times by DUP: 2^60 copies from 130 bytes
+    let mut dup = vec![0x80, 2, b']'];
+    for _ in 0..60 {
+        dup.extend([b'2', 0x86]);
+    }
+    dup.push(b'.');
+    let e = err(&dup);
+    assert!(e.contains("would take more than"), "{e}");
+    // the same through the memo
+    let mut memo = vec![0x80, 2, b']', b'q', 0];
+    for _ in 0..60 {
+        memo.extend([b'h', 0, b'h', 0, 0x86, b'q', 0]);
+    }
+    memo.push(b'.');
+    assert!(err(&memo).contains("would take more than"), "{}", err(&memo));
+    // a string whose length claims 2^63 bytes
+    let long = [0x80, 4, 0x8d, 0, 0, 0, 0, 0, 0, 0, 0x80, b'.'];
+    assert!(err(&long).contains("past the end"), "{}", err(&long));
+}
+
+#[test]
+fn devices_fifos_and_directories_are_refused_without_reading() {
+    let dir = std::env::temp_dir().join(format!("gpumem-special-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("trace.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().map(|s| s.success()).unwrap_or(false);
+    let mut paths = vec!["/dev/zero".to_string(), dir.to_str().unwrap().to_string()];
+    if made {
+        // no writer: opening it would block forever
+        paths.push(fifo.to_str().unwrap().to_string());
+    }
+    for p in paths {
+        if !std::path::Path::new(&p).exists() {
+            continue;
+        }
+        let e = read_trace(&p).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{p}: ")), "{e}");
+        assert!(e.contains("directory") || e.contains("not a regular file"), "{e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn errors_quote_input_safely() {
+    // JSON escapes: the action read is ESC [ 2 J ESC ] 0 ; owned BEL zzz...
+    let hostile = format!(
+        "{{\"a\": \"\\u001b[2J\\u001b]0;owned\\u0007{}\", \"p\": 1, \"s\": 2}}\n",
+        "z".repeat(200_000)
+    );
+    let e = err(hostile.as_bytes());
+    assert!(e.starts_with("bad.trace: line 1: unknown action \"\\u{1b}[2J"), "{e}");
+    assert!(!e.chars().any(char::is_control), "{e:?}");
+    assert!(e.len() < 600, "{} bytes", e.len());
+    let csv =
+        format!("Thread,Time,Action,Pointer,Size,Stream\n1,2,allocate,0x10,{},0\n", "9\u{8}".repeat(50_000));
+    let e = err(csv.as_bytes());
+    assert!(!e.chars().any(char::is_control) && e.len() < 600, "{e:?}");
+    let e = err(b"{\"a\": \"alloc\", \"p\": 1, \"s\": \"\\u001b[31mred\"}\n");
+    assert!(!e.chars().any(char::is_control), "{e:?}");
+}
+
+#[test]
+fn events_that_wrap_the_address_space_are_malformed() {
+    let e = err(b"{\"a\": \"alloc\", \"p\": 18446744073709551615, \"s\": 2}\n");
+    assert!(
+        e.starts_with("bad.trace: line 1: alloc at 0xffffffffffffffff of 2 bytes runs past the end"),
+        "{e}"
+    );
+    let csv = b"Thread,Time,Action,Pointer,Size,Stream\n1,2,allocate,0xfffffffffffff000,8192,0x0\n";
+    assert!(err(csv).starts_with("bad.trace: line 2: "), "{}", err(csv));
+    // the last byte of the space is fine
+    let ok = b"{\"a\": \"alloc\", \"p\": 18446744073709551614, \"s\": 1}\n";
+    assert_eq!(read_trace_bytes("t", ok).unwrap().events.len(), 1);
+}
+
+#[test]
+fn pickles_nested_just_under_the_limit_decode_on_a_small_stack() {
+    // {"segments": [[[...]]]} nested 190 deep: accepted by the scan, then decoded and
+    // dropped recursively by serde-pickle; run on a thread of 1 MiB of stack, half a test
+    // thread's, in a debug build
+    let mut p = vec![0x80, 2, b'}', 0x8c, 8];
+    p.extend(b"segments");
+    p.extend(std::iter::repeat_n(b']', 190));
+    p.extend(std::iter::repeat_n(b'a', 189));
+    p.extend([b's', b'.']);
+    let e = std::thread::Builder::new().stack_size(1 << 20).spawn(move || err(&p)).unwrap().join().unwrap();
+    assert!(e.contains("no \"device_traces\""), "{e}");
+}

@@ -11,6 +11,8 @@ use crate::report::stats::{DeviceStats, MemoryStats};
 use crate::report::summary;
 use crate::torch::Engine;
 use parking_lot::{Mutex, MutexGuard};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A caching allocator for one device, with any policy (PyTorch's algorithm as `torch` and
 /// `torch-expandable`, or gpumem's own `gpumem`), over any [`Device`].
@@ -30,6 +32,41 @@ use parking_lot::{Mutex, MutexGuard};
 /// ```
 pub struct Allocator<D: Device> {
     core: Mutex<Core<D>>,
+    /// Set when a call panicked inside the policy. parking_lot's mutex is not poisoned by a
+    /// panic, and a policy that panicked halfway through a call may have left its blocks,
+    /// pools and counters disagreeing; every later call that would use them then fails with
+    /// [`AllocError::Poisoned`] instead.
+    poisoned: AtomicBool,
+}
+
+/// The policy, locked for one public call; marks the allocator poisoned if the call panics.
+struct Call<'a, D: Device> {
+    core: MutexGuard<'a, Core<D>>,
+    poisoned: &'a AtomicBool,
+    /// Whether the thread was already unwinding when the call began (a tensor dropped during
+    /// a panic elsewhere frees its block: that call did not panic, and poisons nothing).
+    unwinding_before: bool,
+}
+
+impl<D: Device> Deref for Call<'_, D> {
+    type Target = Core<D>;
+    fn deref(&self) -> &Core<D> {
+        &self.core
+    }
+}
+
+impl<D: Device> DerefMut for Call<'_, D> {
+    fn deref_mut(&mut self) -> &mut Core<D> {
+        &mut self.core
+    }
+}
+
+impl<D: Device> Drop for Call<'_, D> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.unwinding_before {
+            self.poisoned.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// The algorithm behind an allocator.
@@ -63,7 +100,7 @@ impl<D: Device> Allocator<D> {
         if let Some(f) = fraction {
             set_memory_fraction(&mut core, f)?;
         }
-        Ok(Allocator { core: Mutex::new(core) })
+        Ok(Allocator { core: Mutex::new(core), poisoned: AtomicBool::new(false) })
     }
 
     /// An allocator for a named policy (`"gpumem"`, `"torch-expandable:max_split_size_mb:128"`).
@@ -78,10 +115,32 @@ impl<D: Device> Allocator<D> {
         self.lock().kind()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Core<D>> {
-        let mut core = self.core.lock();
-        core.begin_call();
-        core
+    /// The policy, for a call that only reads it (and may read a poisoned one: its counters
+    /// are still numbers, if perhaps wrong ones).
+    fn lock(&self) -> Call<'_, D> {
+        let mut call = Call {
+            core: self.core.lock(),
+            poisoned: &self.poisoned,
+            unwinding_before: std::thread::panicking(),
+        };
+        call.begin_call();
+        call
+    }
+
+    /// The policy, for a call that changes it or hands out memory: an error if an earlier
+    /// call panicked inside it.
+    fn checked(&self) -> Result<Call<'_, D>, AllocError> {
+        let call = self.lock();
+        if self.is_poisoned() {
+            return Err(AllocError::Poisoned);
+        }
+        Ok(call)
+    }
+
+    /// Whether a call panicked inside the policy, leaving it unusable: every call that
+    /// allocates, frees or changes the cache then fails with [`AllocError::Poisoned`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
     }
 
     /// Allocates `size` bytes for use on `stream` and returns the device address. A size of
@@ -90,7 +149,7 @@ impl<D: Device> Allocator<D> {
         if size == 0 {
             return Ok(0);
         }
-        self.lock().malloc(size, stream)
+        self.checked()?.malloc(size, stream)
     }
 
     /// Frees the block at `ptr`. Freeing 0 does nothing. A pointer this allocator did not
@@ -99,7 +158,7 @@ impl<D: Device> Allocator<D> {
         if ptr == 0 {
             return Ok(());
         }
-        self.lock().free(ptr)
+        self.checked()?.free(ptr)
     }
 
     /// Records that the block at `ptr` is also used on `stream`: when it is freed, it waits
@@ -107,27 +166,27 @@ impl<D: Device> Allocator<D> {
     /// cannot wait for is refused here (on [`crate::CudaDevice`]: one not registered with
     /// [`crate::CudaDevice::stream_id`]), and changes nothing.
     pub fn record_stream(&self, ptr: u64, stream: StreamId) -> Result<(), AllocError> {
-        let mut core = self.lock();
-        core.device().check_stream(stream)?;
-        core.record_stream(ptr, stream)
+        let mut call = self.checked()?;
+        call.device().check_stream(stream)?;
+        call.record_stream(ptr, stream)
     }
 
     /// Returns to the cache every freed block whose other-stream events have completed.
     /// (Every `malloc` does this first; call it to see the effect without allocating.)
     pub fn process_events(&self) -> Result<(), AllocError> {
-        self.lock().process_events()
+        self.checked()?.process_events()
     }
 
     /// Waits for pending cross-stream frees, then gives every wholly free cached segment
     /// (and every wholly free page of expandable segments) back to the device. Segments that
     /// still hold a live block stay: see `inactive_split_bytes`.
     pub fn empty_cache(&self) -> Result<(), AllocError> {
-        self.lock().empty_cache()
+        self.checked()?.empty_cache()
     }
 
     /// Caps reserved memory at `fraction` of the device's total memory.
     pub fn set_per_process_memory_fraction(&self, fraction: f64) -> Result<(), AllocError> {
-        set_memory_fraction(&mut self.lock(), fraction)
+        set_memory_fraction(&mut self.checked()?.core, fraction)
     }
 
     /// The cap from the memory fraction as a fraction of the device (1.0 when unset).
@@ -191,14 +250,14 @@ impl<D: Device> Allocator<D> {
     /// `_check_memory_stat_consistency`); the error names the first that disagrees. Useful
     /// in tests of code that drives the allocator, and when a counter looks wrong.
     pub fn check_stats(&self) -> Result<(), String> {
-        let e = self.lock();
+        let e = self.checked().map_err(|e| e.to_string())?;
         e.stats().mismatch_with_recount(&recount(&e.snapshot())).map_or(Ok(()), Err)?;
         e.check_invariants()
     }
 
     /// Free and total device memory as the driver reports it.
     pub fn mem_get_info(&self) -> Result<(u64, u64), AllocError> {
-        Ok(self.lock().device().mem_get_info()?)
+        Ok(self.checked()?.device().mem_get_info()?)
     }
 
     /// Starts (or, with `enabled` false, stops and clears) recording every event, keeping at
@@ -231,5 +290,74 @@ impl<D: Device> Allocator<D> {
     /// Runs `f` with the device.
     pub fn with_device<R>(&self, f: impl FnOnce(&D) -> R) -> R {
         f(self.lock().device())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SimDevice;
+
+    #[test]
+    fn a_panic_inside_a_call_poisons_the_allocator() {
+        for policy in Policy::NAMES {
+            let a = Allocator::with_policy(SimDevice::new(1 << 30), &Policy::parse(policy).unwrap()).unwrap();
+            let p = a.malloc(4096, StreamId::DEFAULT).unwrap();
+            // a policy call that panics halfway: here after taking a block out of the cache
+            // and before giving it back
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut core = a.lock();
+                let _half_done = core.malloc(1 << 20, StreamId::DEFAULT);
+                panic!("a bug inside the policy");
+            }));
+            assert!(r.is_err());
+            assert!(a.is_poisoned(), "{policy}");
+            assert!(matches!(a.malloc(512, StreamId::DEFAULT), Err(AllocError::Poisoned)));
+            assert!(matches!(a.free(p), Err(AllocError::Poisoned)));
+            assert!(matches!(a.empty_cache(), Err(AllocError::Poisoned)));
+            assert!(matches!(a.record_stream(p, StreamId(1)), Err(AllocError::Poisoned)));
+            assert!(a.check_stats().unwrap_err().contains("panicked"));
+            // reading the counters still works
+            assert!(a.memory_allocated() > 0);
+        }
+    }
+
+    #[test]
+    fn a_request_larger_than_the_gpu_says_so() {
+        for policy in Policy::NAMES {
+            let a = Allocator::with_policy(SimDevice::new(1 << 30), &Policy::parse(policy).unwrap()).unwrap();
+            let _live = a.malloc(512 << 20, StreamId::DEFAULT).unwrap();
+            let e = a.malloc(3 << 30, StreamId::DEFAULT).unwrap_err().to_string();
+            assert!(
+                e.contains("The request alone") && e.contains("larger than the GPU's total memory"),
+                "{policy}: {e}"
+            );
+            assert!(!e.contains("hold nearly all"), "{policy}: {e}");
+            // a request that would fit an empty GPU keeps the usual hint
+            let e = a.malloc(900 << 20, StreamId::DEFAULT).unwrap_err().to_string();
+            assert!(!e.contains("The request alone"), "{policy}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_call_made_while_unwinding_does_not_poison() {
+        let a =
+            std::sync::Arc::new(Allocator::new(SimDevice::new(1 << 30), AllocatorConfig::default()).unwrap());
+        let p = a.malloc(4096, StreamId::DEFAULT).unwrap();
+        struct FreeOnDrop(std::sync::Arc<Allocator<SimDevice>>, u64);
+        impl Drop for FreeOnDrop {
+            fn drop(&mut self) {
+                self.0.free(self.1).unwrap();
+            }
+        }
+        let b = a.clone();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _t = FreeOnDrop(b, p);
+            panic!("a panic in the caller, not in the allocator");
+        }));
+        assert!(r.is_err());
+        assert!(!a.is_poisoned());
+        assert_eq!(a.memory_allocated(), 0);
+        a.check_stats().unwrap();
     }
 }

@@ -158,7 +158,7 @@ impl Tokens {
     fn expect(&mut self, sep: &str, key: &str) -> Result<(), ConfigError> {
         let tok = self.next(sep)?;
         if tok != sep {
-            return err(format!("expected '{sep}' after '{key}', found '{tok}'"));
+            return err(format!("expected '{sep}' after '{}', found '{}'", shown(key), shown(&tok)));
         }
         Ok(())
     }
@@ -167,15 +167,48 @@ impl Tokens {
     }
 }
 
+/// The largest size option, in MiB: 1 EiB, as for a request ([`crate::AllocError::TooLarge`]).
+/// No device comes near it, and sums and products of sizes under it cannot overflow.
+const MAX_MIB: u64 = 1 << 40;
+
+/// The largest `compact_factor`: beyond it no idle chunk is ever large enough to split.
+const MAX_COMPACT_FACTOR: u64 = 1 << 16;
+
+/// `v` MiB in bytes, for option `key`; an error where it exceeds [`MAX_MIB`].
+fn mib(key: &str, v: u64) -> Result<u64, ConfigError> {
+    if v > MAX_MIB {
+        return err(format!("{key} is {v} MiB, more than 1 EiB (2^40 MiB): give a size a device can hold"));
+    }
+    Ok(v << 20)
+}
+
+/// An option value as given, for a message: control characters escaped and long values cut,
+/// so that a hostile `GPUMEM_ALLOC_CONF` cannot reach the terminal raw.
+fn shown(v: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in v.chars().enumerate() {
+        if i == 80 {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn parse_u64(key: &str, v: &str) -> Result<u64, ConfigError> {
-    v.parse::<u64>().or_else(|_| err(format!("{key} needs a non-negative integer, not '{v}'")))
+    v.parse::<u64>().or_else(|_| err(format!("{key} needs a non-negative integer, not '{}'", shown(v))))
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
     match v {
         "True" => Ok(true),
         "False" => Ok(false),
-        _ => err(format!("{key} must be True or False (exactly), not '{v}'")),
+        _ => err(format!("{key} must be True or False (exactly), not '{}'", shown(v))),
     }
 }
 
@@ -183,7 +216,7 @@ fn parse_f64(key: &str, v: &str) -> Result<f64, ConfigError> {
     v.parse::<f64>()
         .ok()
         .filter(|x| x.is_finite())
-        .ok_or_else(|| ConfigError(format!("{key} needs a number, not '{v}'")))
+        .ok_or_else(|| ConfigError(format!("{key} needs a number, not '{}'", shown(v))))
 }
 
 fn check_divisions(v: u64) -> Result<u64, ConfigError> {
@@ -216,7 +249,7 @@ impl AllocatorConfig {
             c.keys.push(key.clone());
             match t.peek() {
                 None | Some(",") => {}
-                Some(other) => return err(format!("unexpected '{other}' after the value of {key}")),
+                Some(other) => return err(format!("unexpected '{}' after the value of {key}", shown(other))),
             }
         }
         Ok(c)
@@ -238,14 +271,14 @@ impl AllocatorConfig {
                 if v < LARGE_BUFFER / MB {
                     return err(format!("max_split_size_mb too small, must be >= {}", LARGE_BUFFER / MB));
                 }
-                self.max_split_size = v.saturating_mul(MB);
+                self.max_split_size = mib(key, v)?;
             }
             "max_non_split_rounding_mb" => {
                 let v = parse_u64(key, &t.next(key)?)?;
                 if v < LARGE_BUFFER / MB {
                     return err(format!("max_non_split_rounding_mb too small, must be >= {}", LARGE_BUFFER / MB));
                 }
-                self.max_non_split_rounding_size = v.saturating_mul(MB);
+                self.max_non_split_rounding_size = mib(key, v)?;
             }
             "garbage_collection_threshold" => {
                 let v = parse_f64(key, &t.next(key)?)?;
@@ -255,7 +288,13 @@ impl AllocatorConfig {
                 self.garbage_collection_threshold = v;
             }
             "roundup_power2_divisions" => self.parse_divisions(t)?,
-            "compact_factor" => self.packed.compact_factor = parse_u64(key, &t.next(key)?)?,
+            "compact_factor" => {
+                let v = parse_u64(key, &t.next(key)?)?;
+                if v > MAX_COMPACT_FACTOR {
+                    return err(format!("compact_factor must be at most {MAX_COMPACT_FACTOR} (0 turns it off), not {v}"));
+                }
+                self.packed.compact_factor = v;
+            }
             "compaction" => self.packed.compaction = parse_bool(key, &t.next(key)?)?,
             "periodic_plan" => self.packed.periodic_plan = parse_bool(key, &t.next(key)?)?,
             "recycle_slack" => {
@@ -265,7 +304,7 @@ impl AllocatorConfig {
                 }
                 self.packed.recycle_slack = v;
             }
-            "recycle_above_mb" => self.packed.recycle_above = parse_u64(key, &t.next(key)?)?.saturating_mul(MB),
+            "recycle_above_mb" => self.packed.recycle_above = mib(key, parse_u64(key, &t.next(key)?)?)?,
             "policy" => {
                 let v = t.next(key)?;
                 self.policy = Some(kind_from_name(&v)?);
@@ -273,10 +312,11 @@ impl AllocatorConfig {
             "expandable_segments" => self.expandable_segments = parse_bool(key, &t.next(key)?)?,
             "large_segment_size_mb" => {
                 let v = parse_u64(key, &t.next(key)?)?;
-                if v == 0 || !(v * MB).is_multiple_of(SMALL_BUFFER) {
+                let bytes = mib(key, v)?;
+                if v == 0 || !bytes.is_multiple_of(SMALL_BUFFER) {
                     return err("large_segment_size_mb must be a positive multiple of 2");
                 }
-                self.large_segment_size = v * MB;
+                self.large_segment_size = bytes;
             }
             "per_process_memory_fraction" => {
                 let v = parse_f64(key, &t.next(key)?)?;
@@ -292,7 +332,7 @@ impl AllocatorConfig {
                     "cudaMallocAsync" => return err(
                         "backend:cudaMallocAsync is the driver's pool, not a caching allocator gpumem replaces; drop it, or try the gpumem policy",
                     ),
-                    _ => return err(format!("backend must be native or cudaMallocAsync, not '{v}'")),
+                    _ => return err(format!("backend must be native or cudaMallocAsync, not '{}'", shown(&v))),
                 }
             }
             "release_lock_on_cudamalloc"
@@ -320,9 +360,10 @@ impl AllocatorConfig {
             }
             _ => {
                 return err(format!(
-                    "unrecognized option '{key}' (known: max_split_size_mb, max_non_split_rounding_mb, \
+                    "unrecognized option '{}' (known: max_split_size_mb, max_non_split_rounding_mb, \
                      garbage_collection_threshold, roundup_power2_divisions, expandable_segments, \
-                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, periodic_plan, recycle_slack, recycle_above_mb, and PyTorch's pinned_* keys)"
+                     large_segment_size_mb, per_process_memory_fraction, backend, policy, compact_factor, compaction, periodic_plan, recycle_slack, recycle_above_mb, and PyTorch's pinned_* keys)",
+                    shown(key)
                 ))
             }
         }
@@ -368,7 +409,7 @@ impl AllocatorConfig {
             match t.next("']'")?.as_str() {
                 "," => continue,
                 "]" => break,
-                other => return err(format!("{KEY}: expected ',' or ']', found '{other}'")),
+                other => return err(format!("{KEY}: expected ',' or ']', found '{}'", shown(other))),
             }
         }
         Ok(())
@@ -413,7 +454,10 @@ fn kind_from_name(name: &str) -> Result<PolicyKind, ConfigError> {
     [PolicyKind::Torch, PolicyKind::TorchExpandable, PolicyKind::Gpumem]
         .into_iter()
         .find(|&k| Policy::kind_name(k) == name)
-        .map_or_else(|| err(format!("unknown policy '{name}' (known: {})", Policy::NAMES.join(", "))), Ok)
+        .map_or_else(
+            || err(format!("unknown policy '{}' (known: {})", shown(name), Policy::NAMES.join(", "))),
+            Ok,
+        )
 }
 
 /// Options that only the `gpumem` policy has.
@@ -503,7 +547,11 @@ impl Policy {
             config.expandable_segments = true;
         }
         if let Some(p) = config.policy.filter(|&p| p != kind) {
-            return err(format!("the policy is named twice: '{name}' and policy:{}", Policy::kind_name(p)));
+            return err(format!(
+                "the policy is named twice: '{}' and policy:{}",
+                shown(name),
+                Policy::kind_name(p)
+            ));
         }
         config.check_for(kind)?;
         let kind = if kind == PolicyKind::Torch && config.expandable_segments {
@@ -551,6 +599,40 @@ impl fmt::Display for Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_that_overflow_in_bytes_are_errors() {
+        // 2^64 / 2^20 and beyond: each once wrapped (a panic in a debug build) or saturated
+        // into "no limit"
+        for key in
+            ["max_split_size_mb", "max_non_split_rounding_mb", "recycle_above_mb", "large_segment_size_mb"]
+        {
+            for v in ["17592186044416", "18446744073709551615", "1099511627778"] {
+                let e = AllocatorConfig::parse(&format!("{key}:{v}")).unwrap_err();
+                assert!(e.0.contains("more than 1 EiB"), "{key}:{v}: {e}");
+            }
+        }
+        assert_eq!(
+            AllocatorConfig::parse("max_split_size_mb:1099511627776").unwrap().max_split_size,
+            1 << 60
+        );
+        assert!(AllocatorConfig::parse("compact_factor:18446744073709551615").is_err());
+        assert!(Policy::parse("gpumem:compact_factor:65536").is_ok());
+    }
+
+    #[test]
+    fn messages_quote_values_safely() {
+        let hostile = format!("max_split_size_mb:\u{1b}[2J{}", "9".repeat(100_000));
+        for e in [
+            AllocatorConfig::parse(&hostile).unwrap_err(),
+            Policy::parse(&format!("\u{7}{hostile}")).unwrap_err(),
+        ] {
+            assert!(!e.0.chars().any(char::is_control), "{e:?}");
+            assert!(e.0.len() < 1000, "{}", e.0.len());
+        }
+        let e = AllocatorConfig::parse(&format!("{}:1", "k\n".repeat(50_000))).unwrap_err();
+        assert!(!e.0.contains('\n') && e.0.len() < 1000);
+    }
 
     #[test]
     fn defaults_are_pytorchs() {

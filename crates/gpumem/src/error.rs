@@ -36,9 +36,19 @@ pub struct OutOfMemory {
     pub hint: String,
 }
 
-/// The hint for an out-of-memory error caused by the per-process memory fraction rather than
-/// the device: `allowed` is below the device's `total`, and the device has the `need`ed bytes.
+/// The hint for an out-of-memory error whose cause is not the cache: an allocation of
+/// `need` bytes larger than the device's `total` memory on its own (no freeing or setting
+/// helps, and saying that live tensors hold the memory would send the user looking for a
+/// leak that is not there), or the per-process memory fraction, where `allowed` is below
+/// `total` and the device has the bytes. `None` where neither is the cause.
 pub(crate) fn fraction_hint(allowed: Option<u64>, need: u64, free: u64, total: u64) -> Option<String> {
+    if need > total {
+        return Some(format!(
+            "The request alone ({}) is larger than the GPU's total memory ({}): no freeing or setting makes it fit; check the size computation, or split the work into smaller pieces.",
+            format_size(need),
+            format_size(total)
+        ));
+    }
     let max = allowed.filter(|&m| m < total && need <= free)?;
     Some(format!(
         "The per-process memory fraction caps this process at {}, and the device itself has room: raise the fraction (set_per_process_memory_fraction or per_process_memory_fraction).",
@@ -100,6 +110,10 @@ pub enum AllocError {
     /// Bad allocator options.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An earlier call panicked inside the allocator, which may have left it half-updated;
+    /// it refuses further work rather than hand out memory from broken bookkeeping.
+    #[error("the allocator is unusable: an earlier call panicked inside it and may have left it half-updated; create a new allocator (and please report the panic)")]
+    Poisoned,
     /// The device failed in a way the allocator cannot recover from.
     #[error(transparent)]
     Device(#[from] DeviceError),

@@ -35,7 +35,7 @@ pub use common::format_size;
 pub use config::{AllocatorConfig, ConfigError, PackedOptions, Policy, PolicyKind, ENV_VAR};
 pub use device::cuda::{device_count, driver_present, CudaCounters, CudaDevice};
 pub use device::oracle::{StreamOracle, StreamReport, StreamViolation};
-pub use device::sim::{SimCounters, SimDevice, H100_CAPACITY};
+pub use device::sim::{SimCounters, SimDevice, H100_CAPACITY, MAX_SIM_CAPACITY};
 pub use device::{Device, DeviceError, EventId, StreamId};
 pub use error::{AllocError, OutOfMemory};
 pub use global::{

@@ -1,11 +1,13 @@
 //! Reading the JSON-lines trace format: `{"a": action, "p": address, "s": size, "t": stream, "us": time}`
 //! per line; an optional last line `{"summary": {...}, "stats": {...}}`.
 
-use crate::error::{Location, TraceError};
+use super::{io_error, Limited};
+use crate::error::{quote, Location, TraceError};
 use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 
 #[derive(Deserialize)]
 struct Line {
@@ -21,28 +23,48 @@ struct Line {
 }
 
 fn unsigned(v: &Option<serde_json::Value>, field: &str) -> Result<u64, String> {
+    let not = |v: &dyn std::fmt::Display| {
+        format!("field \"{field}\" must be a non-negative integer, not {}", cut(&v.to_string()))
+    };
     match v {
         None => Err(format!("missing field \"{field}\"")),
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().ok_or_else(|| format!("field \"{field}\" must be a non-negative integer, not {n}"))
-        }
-        Some(other) => Err(format!("field \"{field}\" must be a non-negative integer, not {other}")),
+        Some(serde_json::Value::Number(n)) => n.as_u64().ok_or_else(|| not(n)),
+        Some(other) => Err(not(other)),
+    }
+}
+
+/// A JSON value as the file has it, for a message: cut short where it is long.
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
     }
 }
 
 /// Reads the events (and the recorded run's stats, where the last line has them) of
-/// JSON-lines `data`; `path` is used in messages.
-pub(super) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
-    let text = std::str::from_utf8(data)
-        .map_err(|e| TraceError::new(path, Location::Byte(e.valid_up_to() as u64), "not UTF-8 text"))?;
+/// JSON-lines `src`, line by line, stopping at the first bad line; `path` is used in
+/// messages.
+pub(super) fn parse<R: BufRead>(path: &str, src: Limited<'_, R>) -> Result<Trace, TraceError> {
+    let allowance = src.allowance();
+    let first = src.lines_skipped;
+    let mut src = BufReader::new(src);
     let mut trace = Trace { path: path.to_string(), ..Default::default() };
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        let line = line.trim();
+    let (mut buf, mut offset) = (Vec::new(), 0u64);
+    for n in first + 1.. {
+        Limited::<R>::allow(&allowance, n, offset);
+        buf.clear();
+        let len = src.read_until(b'\n', &mut buf).map_err(|e| io_error(path, Location::Line(n), e))?;
+        if len == 0 {
+            break;
+        }
+        offset += len as u64;
+        let bad = |m: String| TraceError::new(path, Location::Line(n), m);
+        let line = std::str::from_utf8(&buf)
+            .map_err(|e| bad(format!("not UTF-8 text (at byte {} of the line)", e.valid_up_to())))?
+            .trim();
         if line.is_empty() {
             continue;
         }
-        let bad = |m: String| TraceError::new(path, Location::Line(n), m);
         let l: Line = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         if let Some(stats) = l.stats {
             let mut m = BTreeMap::new();
@@ -57,7 +79,7 @@ pub(super) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
         let Some(a) = l.a else {
             return Err(bad("missing field \"a\" (the action)".into()));
         };
-        let action = Action::from_name(&a).ok_or_else(|| bad(format!("unknown action \"{a}\"")))?;
+        let action = Action::from_name(&a).ok_or_else(|| bad(format!("unknown action {}", quote(&a))))?;
         let addr = unsigned(&l.p, "p").map_err(bad)?;
         let size = unsigned(&l.s, "s").map_err(bad)?;
         let stream = match &l.t {

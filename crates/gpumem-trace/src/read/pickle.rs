@@ -6,10 +6,12 @@
 //! structs whose fields are all optional, then checked one by one, so that a missing field is
 //! an error naming the entry rather than a silent zero.
 
+use super::{io_error, pickle_scan};
 use crate::error::{Location, TraceError};
 use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
 use serde::Deserialize;
+use std::io::{BufRead, Read};
 
 #[derive(Deserialize)]
 struct Snapshot {
@@ -26,9 +28,33 @@ struct Entry {
     stream: Option<i64>,
 }
 
-/// Reads the allocator events of the first device that has any in snapshot pickle `data`;
+/// The largest (decompressed) pickle read. Snapshots of long runs reach a few hundred MB.
+pub(super) const MAX_BYTES: u64 = 2 << 30;
+
+/// What decoding a pickle may take: its objects, copied where the stream shares them. The
+/// sample snapshot takes 44 times its size by the scan's estimate; three times that is
+/// allowed, and never more than 16 GiB, whatever the pickle's size.
+fn budget(len: usize) -> u64 {
+    (len as u64).saturating_mul(128).saturating_add(64 << 20).min(16 << 30)
+}
+
+/// Reads the allocator events of the first device that has any in snapshot pickle `src`;
 /// `path` is used in messages.
-pub(super) fn parse(path: &str, data: &[u8]) -> Result<Trace, TraceError> {
+pub(super) fn parse<R: BufRead>(path: &str, src: R) -> Result<Trace, TraceError> {
+    let mut data = Vec::new();
+    src.take(MAX_BYTES + 1).read_to_end(&mut data).map_err(|e| io_error(path, Location::File, e))?;
+    if data.len() as u64 > MAX_BYTES {
+        return Err(TraceError::new(
+            path,
+            Location::File,
+            format!("a pickle larger than {} GiB: too large to be read as a snapshot", MAX_BYTES >> 30),
+        ));
+    }
+    // bound what decoding will take, and its nesting, before serde-pickle builds it
+    pickle_scan::scan(&data, budget(data.len())).map_err(|(pos, m)| {
+        TraceError::new(path, Location::Byte(pos as u64), format!("not a PyTorch snapshot pickle: {m}"))
+    })?;
+    let data = &data[..];
     let opts = serde_pickle::DeOptions::new().replace_recursive_structures();
     let snap: Snapshot = serde_pickle::from_slice(data, opts).map_err(|e| {
         let location = match &e {

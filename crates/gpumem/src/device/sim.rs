@@ -14,6 +14,12 @@ use std::sync::Arc;
 /// The total memory of an H100 80GB as `cuMemGetInfo` reports it: the default capacity.
 pub const H100_CAPACITY: u64 = 81079 << 20;
 
+/// The largest capacity a simulated GPU takes: 16 TiB, some fifty times the largest GPU's
+/// memory. Policies size their address ranges from the capacity (several times over), and
+/// PyTorch's expandable segments map a request page by page (a 150 TiB request on a 1 PiB
+/// device took minutes of map calls, found by fuzzing); a larger capacity is taken as this.
+pub const MAX_SIM_CAPACITY: u64 = 1 << 44;
+
 /// Where fresh segment addresses start. Addresses preset from a trace (around `0x7f..`) lie
 /// far above, so the two never meet.
 const FRESH_BASE: u64 = 0x1000_0000_0000;
@@ -103,11 +109,11 @@ impl Default for SimDevice {
 }
 
 impl SimDevice {
-    /// A simulated GPU with `capacity` bytes of memory.
+    /// A simulated GPU with `capacity` bytes of memory (at most [`MAX_SIM_CAPACITY`]).
     pub fn new(capacity: u64) -> SimDevice {
         SimDevice {
             state: Arc::new(Mutex::new(State {
-                capacity,
+                capacity: capacity.min(MAX_SIM_CAPACITY),
                 used: 0,
                 next_fresh: FRESH_BASE,
                 next_va: VA_BASE,
@@ -227,8 +233,8 @@ impl SimDevice {
 }
 
 fn overlaps(map: &BTreeMap<u64, u64>, ptr: u64, size: u64) -> bool {
-    if let Some((&p, &s)) = map.range(..ptr + size).next_back() {
-        if p + s > ptr {
+    if let Some((&p, &s)) = map.range(..ptr.saturating_add(size)).next_back() {
+        if p.saturating_add(s) > ptr {
             return true;
         }
     }
@@ -238,9 +244,9 @@ fn overlaps(map: &BTreeMap<u64, u64>, ptr: u64, size: u64) -> bool {
 /// Whether `ptr..ptr + size` lies wholly in mappings (one or several adjacent ones).
 fn covered(map: &BTreeMap<u64, u64>, ptr: u64, size: u64) -> bool {
     let mut at = ptr;
-    while at < ptr + size {
+    while at < ptr.saturating_add(size) {
         match map.range(..=at).next_back() {
-            Some((&p, &s)) if p + s > at => at = p + s,
+            Some((&p, &s)) if p.saturating_add(s) > at => at = p.saturating_add(s),
             _ => return false,
         }
     }
@@ -252,6 +258,10 @@ fn covered(map: &BTreeMap<u64, u64>, ptr: u64, size: u64) -> bool {
 fn check_remap(s: &State, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
     if s.mappings.get(&ptr) != Some(&size) {
         return Err(DeviceError::InvalidAddress(ptr, "not a mapping of that size"));
+    }
+    // mappings never wrap (map checks); a kept range that would is outside the mapping
+    if keep.iter().any(|&(a, n)| a.checked_add(n).is_none()) {
+        return Err(DeviceError::InvalidAddress(ptr, "a kept range wraps the address space"));
     }
     let mut at = ptr;
     for &(a, n) in keep {
@@ -325,7 +335,13 @@ impl Device for SimDevice {
         }
         s.take_memory(size)?;
         let preset = match s.preset.front() {
-            Some(&(psize, paddr)) if psize == size && !overlaps(&s.segments, paddr, size) => {
+            // a preset address whose segment would reach the top half of the address space
+            // is ignored: the policies add sizes to addresses, and no GPU hands those out
+            Some(&(psize, paddr))
+                if psize == size
+                    && paddr.checked_add(size).is_some_and(|end| end <= 1 << 63)
+                    && !overlaps(&s.segments, paddr, size) =>
+            {
                 s.preset.pop_front();
                 Some(paddr)
             }
@@ -360,7 +376,13 @@ impl Device for SimDevice {
     fn reserve(&self, size: u64) -> Result<u64, DeviceError> {
         let mut s = self.state.lock();
         let ptr = s.next_va;
-        s.next_va = round_up(ptr + size, ALIGN) + ALIGN;
+        // the simulated address space ends at 2^62, far above any real reservation
+        let end = ptr
+            .checked_add(size)
+            .and_then(|e| e.checked_next_multiple_of(ALIGN))
+            .filter(|&e| e < 1 << 62)
+            .ok_or(DeviceError::OutOfMemory)?;
+        s.next_va = end + ALIGN;
         s.reservations.insert(ptr, size);
         s.counters.reserves += 1;
         Ok(ptr)
@@ -381,7 +403,11 @@ impl Device for SimDevice {
 
     fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
-        let inside = s.reservations.range(..=ptr).next_back().is_some_and(|(&p, &z)| ptr + size <= p + z);
+        let inside = s
+            .reservations
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(&p, &z)| ptr.checked_add(size).is_some_and(|end| end <= p + z));
         if !inside || size == 0 || !ptr.is_multiple_of(ALIGN) || !size.is_multiple_of(ALIGN) {
             return Err(DeviceError::InvalidAddress(ptr, "map outside a reservation or unaligned"));
         }
@@ -532,6 +558,24 @@ impl Device for SimDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_near_the_top_of_the_space_are_refused_not_wrapped() {
+        let sim = SimDevice::new(u64::MAX);
+        assert_eq!(sim.capacity(), MAX_SIM_CAPACITY);
+        assert!(sim.reserve(u64::MAX).is_err());
+        assert!(sim.reserve(u64::MAX - VA_BASE).is_err());
+        assert!(sim.map(u64::MAX - ALIGN + 1, ALIGN).is_err());
+        assert!(sim.map(VA_BASE, u64::MAX - ALIGN + 1).is_err());
+        assert!(sim.write_tag(u64::MAX, 1).is_err());
+        // a preset address whose segment would wrap is not used
+        sim.preset_addresses([(ALIGN, u64::MAX - ALIGN + 1)]);
+        let p = sim.malloc(ALIGN).unwrap();
+        assert!(p < 1 << 62, "{p:#x}");
+        let va = sim.reserve(4 * ALIGN).unwrap();
+        sim.map(va, 2 * ALIGN).unwrap();
+        assert!(sim.remap(va, 2 * ALIGN, &[(u64::MAX, 2)]).is_err());
+    }
 
     const MIB: u64 = 1 << 20;
 
