@@ -218,12 +218,13 @@ impl<D: Device> Packed<D> {
             }
             if self.exceeds(&place, max) {
                 self.recycle(place.need(), max, place.keep())?;
-                if self.config.packed.compaction
-                    && self.exceeds(&place, max)
-                    && self.compact(place.need(), max, place.keep())?
-                {
-                    place = self.placement(size, stream);
+                if self.config.packed.compaction && self.exceeds(&place, max) {
+                    self.compact(place.need(), max, place.keep())?;
                 }
+                // Recycling may have moved the frontier down under the old place, or merged
+                // it with the unmapped space around: place anew (a fuzzer found the stale place
+                // mapped where no piece was, after a memory fraction far below the peak).
+                place = self.placement(size, stream);
                 if self.exceeds(&place, max) {
                     return Err(self.out_of_memory(orig, place.need(), stream));
                 }
