@@ -311,7 +311,9 @@ impl<T: Element> Tensor<T> {
     /// The tensor as an argument of a kernel launched on `stream`, recording that use where
     /// `stream` is not its own ([`Tensor::record_stream`]), so that dropping the tensor while
     /// the kernel runs does not hand its block out too early. For kernels that only read it;
-    /// [`Tensor::on_mut`] for those that write it.
+    /// [`Tensor::on_mut`] for those that write it. Name the stream the launch runs on: the
+    /// argument does not know which launch takes it (cudarc's launch builder does not say),
+    /// so pushing it into a launch on another stream records the wrong one.
     ///
     /// ```no_run
     /// # fn f(x: &gpumem::Tensor<f32>, func: &cudarc::driver::CudaFunction,

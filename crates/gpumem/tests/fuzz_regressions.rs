@@ -1,6 +1,5 @@
 //! Inputs the `allocator_api` fuzzer found (docs/fuzzing.md), replayed through its own
-//! interpreter. Those marked `ignore` still fail: their cause is in the `gpumem` policy
-//! (`packed/`), reported to its owners; un-ignore them with the fix.
+//! interpreter, each with the cause it found and its fix.
 
 mod fuzz_ops;
 

@@ -21,7 +21,7 @@ const POLICIES: &[&str] = &[
     "torch:max_split_size_mb:64",
     "gpumem",
     "gpumem:periodic_plan:False",
-    "gpumem:compaction:False",
+    "gpumem:compaction:True",
 ];
 
 /// The streams the sequences use: the default stream and three others.

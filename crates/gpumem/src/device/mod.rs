@@ -31,8 +31,11 @@
 //! the stream makes both impossible. The cost is that a registered stream outlives the
 //! program's last use of it until the allocator (for the global API: the process) ends, as
 //! PyTorch's own pool of streams does; programs should reuse streams rather than create one per
-//! step. The allocation stream of [`crate::Allocator::malloc`] is only a label for the cache
-//! (the engines pass the driver no stream but the default one), so it needs no registration;
+//! step. The allocation stream of [`crate::Allocator::malloc`] is a label for the cache and
+//! needs no registration, but the `gpumem` policy records an event on it when a block of a
+//! stream other than the default one is freed (Note [Which wait before unmapping] in
+//! `packed/waits.rs`): on a stream the device does not know, that fails, and unmapping the
+//! block's pages later waits for the whole device instead (safe, but slow: register streams);
 //! a stream given to [`crate::Allocator::record_stream`] does, and is checked there
 //! ([`Device::check_stream`]) rather than failing later at the free.
 
@@ -196,8 +199,10 @@ pub trait Device: Send + Sync + 'static {
     fn synchronize_event(&self, event: EventId) -> Result<(), DeviceError>;
     /// Waits for all work on `stream` (`cuStreamSynchronize`).
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
-    /// Waits for all work on every stream of the device (`cuCtxSynchronize`). The engines
-    /// call this before unmapping pages: it needs no stream handle, so a stream the program
-    /// has destroyed since it last used the pages cannot be a problem.
+    /// Waits for all work on every stream of the device (`cuCtxSynchronize`). It needs no
+    /// stream handle, so a stream the program has destroyed cannot be a problem; but every
+    /// thread's cache hits wait behind it while the allocator holds its lock, so the `gpumem`
+    /// policy uses it only where an event could not be recorded, for compaction (opt-in) and
+    /// at the end. `torch-expandable` uses it as PyTorch does for segments of other streams.
     fn synchronize_device(&self) -> Result<(), DeviceError>;
 }

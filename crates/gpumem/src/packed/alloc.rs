@@ -10,6 +10,10 @@ use crate::report::history::Action;
 use crate::report::snapshot::{BlockInfo, BlockState, SegmentInfo};
 use crate::report::stats::PoolKind;
 
+/// Beyond this many pages (8 GiB of 2 MiB pages), a mapping's interior goes in large chunks
+/// (Note [Chunk shapes]).
+const MANY_PAGES: u64 = 4096;
+
 /// The `gpumem` policy has one arena, not PyTorch's two pools: its stats appear under the
 /// large pool (and "all").
 const POOL: PoolKind = PoolKind::Large;
@@ -365,8 +369,23 @@ impl<D: Device> Packed<D> {
                 pieces.push((at, n));
                 at += n;
             }
-        } else {
+        } else if (to - from) / page <= MANY_PAGES {
             pieces.extend((from..to).step_by(page as usize).map(|at| (at, page)));
+        } else {
+            // A block of more than 8 GiB: the pages wholly inside it go in chunks of up to
+            // MAX_CHUNK (idle exactly when it is gone), so that a huge request (a simulated
+            // device may claim terabytes) costs thousands of calls and chunk records, not
+            // millions. No bundled trace has a block this large.
+            let lo = (place.start.div_ceil(page) * page).clamp(from, to);
+            let hi = ((place.start + place.size) / page * page).clamp(lo, to);
+            pieces.extend((from..lo).step_by(page as usize).map(|at| (at, page)));
+            let mut at = lo;
+            while at < hi {
+                let n = (hi - at).min(MAX_CHUNK);
+                pieces.push((at, n));
+                at += n;
+            }
+            pieces.extend((hi..to).step_by(page as usize).map(|at| (at, page)));
         }
         let mut mapped = Vec::with_capacity(pieces.len());
         for (at, n) in pieces {

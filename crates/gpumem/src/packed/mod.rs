@@ -14,18 +14,23 @@
 //!   block touches is *idle*, and when new memory is needed beyond the peak so far, idle
 //!   chunks are unmapped first and their memory mapped where the request lands (recycled),
 //!   instead of reserving more. Virtual address space is plentiful; physical memory is not;
-//! - a chunk that still holds a few live blocks among free pages is compacted when that
-//!   memory is needed: the pages under the blocks move to allocations of their own at the
-//!   same addresses, and the rest goes back (Note [Compaction] in `packed/compact.rs`).
+//! - by default every page is a chunk of its own, so a live block pins only the pages it
+//!   touches (Note [Nothing moves under a live block] in `packed/compact.rs`); with
+//!   `compaction:True` chunks are large, and one that still holds a few live blocks among free
+//!   pages is compacted when that memory is needed: the pages under the blocks move to
+//!   allocations of their own at the same addresses, and the rest goes back (Note
+//!   [Compaction]).
 //!
 //! Note [Why the peak decides when to recycle]
 //! -------------------------------------------
-//! Unmapping waits for the GPU and costs 40-700 µs per chunk on an H100; mapping 50-140 µs.
+//! Unmapping must first wait for the work that used the pages (Note [Which wait before
+//! unmapping] in `packed/waits.rs`) and costs 40-700 µs per chunk on an H100; mapping
+//! 50-140 µs.
 //! A loop whose layout repeats finds every block a mapped hole after its first iteration and
 //! makes no device calls at all. While the footprint grows, mapping fresh memory below the
-//! peak reserved so far costs nothing in peak memory, so idle chunks are recycled, and chunks
-//! compacted, only when a mapping would raise the peak. `empty_cache` unmaps every idle chunk
-//! and compacts the rest.
+//! peak reserved so far costs nothing in peak memory, so idle chunks are recycled (and, with
+//! compaction, chunks compacted) only when a mapping would raise the peak. `empty_cache`
+//! unmaps every idle chunk (and, with compaction, compacts the rest).
 //!
 //! Note [Streams]
 //! --------------

@@ -70,19 +70,31 @@ impl<D: Device> Packed<D> {
     }
 
     /// Waits for the work that may still use chunk `c`'s pages (Note [Which wait before
-    /// unmapping]), and lets go of its events.
+    /// unmapping]), and lets go of its events. Where a wait fails, the chunk keeps its events
+    /// and waits for the whole device the next time: it is never unmapped unwaited.
     pub(crate) fn wait_for_chunk(&mut self, c: u32) -> Result<(), AllocError> {
-        let ch = self.chunks[c as usize].as_mut().expect("a live chunk");
-        let (waits, wait_device) = (std::mem::take(&mut ch.waits), ch.wait_device);
-        for &(_, e) in &waits {
+        let ch = self.chunks[c as usize].as_ref().expect("a live chunk");
+        let (waits, wait_device) = (ch.waits.clone(), ch.wait_device);
+        if let Err(e) = self.wait_for(&waits, wait_device) {
+            self.chunks[c as usize].as_mut().unwrap().wait_device = true;
+            return Err(e);
+        }
+        self.chunks[c as usize].as_mut().unwrap().waits.clear();
+        for (_, e) in waits {
+            self.unref_event(e);
+        }
+        Ok(())
+    }
+
+    /// Waits for `events` (unless the device was waited for in this call), and for the
+    /// default stream or, with `device`, the whole device, once per call.
+    fn wait_for(&mut self, events: &[(StreamId, EventId)], device: bool) -> Result<(), AllocError> {
+        for &(_, e) in events {
             if self.waited < Waited::Device && !self.device.query_event(e)? {
                 self.device.synchronize_event(e)?;
             }
         }
-        for (_, e) in waits {
-            self.unref_event(e);
-        }
-        let waited = if wait_device { Waited::Device } else { Waited::DefaultStream };
+        let waited = if device { Waited::Device } else { Waited::DefaultStream };
         if self.waited < waited {
             match waited {
                 Waited::Device => self.device.synchronize_device()?,

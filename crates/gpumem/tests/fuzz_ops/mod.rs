@@ -3,11 +3,12 @@
 //! of allocator calls on a simulated GPU, under every policy: mallocs of any size on several
 //! streams, frees of live and foreign pointers, `record_stream`, event completion,
 //! `process_events`, `empty_cache` and memory fractions. After every call the counters must
-//! equal a recount and no two live blocks may overlap; at the end, freeing everything and
-//! emptying the cache must leave nothing reserved.
+//! equal a recount and no two live blocks may overlap, and the stream-ordering oracle must
+//! find no memory handed to another stream before the stream that freed it was known done;
+//! at the end, freeing everything and emptying the cache must leave nothing reserved.
 #![allow(dead_code)]
 
-use gpumem::{AllocError, Allocator, Policy, SimDevice, StreamId};
+use gpumem::{AllocError, Allocator, Policy, SimDevice, StreamId, StreamOracle};
 use std::collections::BTreeMap;
 
 const POLICIES: &[&str] = &[
@@ -16,6 +17,7 @@ const POLICIES: &[&str] = &[
     "gpumem",
     "torch:max_split_size_mb:40,roundup_power2_divisions:4,garbage_collection_threshold:0.6,per_process_memory_fraction:0.9",
     "gpumem:recycle_slack:0.1,compact_factor:4",
+    "gpumem:compaction:True",
 ];
 
 const CAPACITIES: &[u64] = &[64 << 20, 1 << 30, 80 << 30, 1 << 50, u64::MAX];
@@ -62,7 +64,8 @@ pub fn run(data: &[u8]) {
     let policy = Policy::parse(POLICIES[b.u8() as usize % POLICIES.len()]).unwrap();
     let capacity = CAPACITIES[b.u8() as usize % CAPACITIES.len()];
     let sim = SimDevice::new(capacity);
-    let Ok(alloc) = Allocator::with_policy(sim.clone(), &policy) else { return };
+    let oracle = StreamOracle::new(sim.clone());
+    let Ok(alloc) = Allocator::with_policy(oracle.clone(), &policy) else { return };
     // live blocks: address -> requested size
     let mut live: BTreeMap<u64, u64> = BTreeMap::new();
     let mut steps = 0;
@@ -80,6 +83,7 @@ pub fn run(data: &[u8]) {
                         assert!(q + m <= p, "block {p:#x}+{n} overlaps live block {q:#x}+{m}");
                     }
                     live.insert(p, n);
+                    oracle.note_malloc(p, n, stream);
                 }
             }
             3 | 4 => {
@@ -87,6 +91,7 @@ pub fn run(data: &[u8]) {
                     let i = b.u8() as usize % live.len();
                     let p = *live.keys().nth(i).unwrap();
                     live.remove(&p);
+                    oracle.note_free(p);
                     alloc.free(p).unwrap();
                 }
             }
@@ -105,7 +110,9 @@ pub fn run(data: &[u8]) {
                 if !live.is_empty() {
                     let i = b.u8() as usize % live.len();
                     let p = *live.keys().nth(i).unwrap();
-                    alloc.record_stream(p, StreamId(b.u8() as u64 % 4)).unwrap();
+                    let s = StreamId(b.u8() as u64 % 4);
+                    alloc.record_stream(p, s).unwrap();
+                    oracle.note_record_stream(p, s);
                 }
             }
             7 => match b.u8() % 3 {
@@ -123,8 +130,12 @@ pub fn run(data: &[u8]) {
         if let Err(e) = alloc.check_stats() {
             panic!("after step {steps}: {e}");
         }
+        if let Some(v) = oracle.report().first_violation {
+            panic!("after step {steps}: {v}");
+        }
     }
     for (p, _) in std::mem::take(&mut live) {
+        oracle.note_free(p);
         alloc.free(p).unwrap();
     }
     sim.complete_all();

@@ -1,0 +1,126 @@
+//! Options in PyTorch's syntax: defaults, both syntaxes of `roundup_power2_divisions`, errors
+//! that name the key and quote values safely, and the policy names.
+
+use gpumem::{AllocatorConfig, Policy, PolicyKind};
+
+/// The divisions that apply to a request of `size` bytes: one interval per power of two from
+/// 1 MiB (what the allocator reads from the option).
+fn divisions_for(c: &AllocatorConfig, size: u64) -> u64 {
+    let log = 63 - size.max(1).leading_zeros() as usize;
+    c.roundup_power2_divisions[log.saturating_sub(20).min(15)]
+}
+
+#[test]
+fn sizes_that_overflow_in_bytes_are_errors() {
+    // 2^64 / 2^20 and beyond: each once wrapped (a panic in a debug build) or saturated
+    // into "no limit"
+    for key in ["max_split_size_mb", "max_non_split_rounding_mb", "recycle_above_mb", "large_segment_size_mb"]
+    {
+        for v in ["17592186044416", "18446744073709551615", "1099511627778"] {
+            let e = AllocatorConfig::parse(&format!("{key}:{v}")).unwrap_err();
+            assert!(e.0.contains("more than 1 EiB"), "{key}:{v}: {e}");
+        }
+    }
+    assert_eq!(AllocatorConfig::parse("max_split_size_mb:1099511627776").unwrap().max_split_size, 1 << 60);
+    assert!(AllocatorConfig::parse("compact_factor:18446744073709551615").is_err());
+    assert!(Policy::parse("gpumem:compact_factor:65536").is_ok());
+}
+
+#[test]
+fn messages_quote_values_safely() {
+    let hostile = format!("max_split_size_mb:\u{1b}[2J{}", "9".repeat(100_000));
+    for e in [
+        AllocatorConfig::parse(&hostile).unwrap_err(),
+        Policy::parse(&format!("\u{7}{hostile}")).unwrap_err(),
+    ] {
+        assert!(!e.0.chars().any(char::is_control), "{e:?}");
+        assert!(e.0.len() < 1000, "{}", e.0.len());
+    }
+    let e = AllocatorConfig::parse(&format!("{}:1", "k\n".repeat(50_000))).unwrap_err();
+    assert!(!e.0.contains('\n') && e.0.len() < 1000);
+}
+
+#[test]
+fn defaults_are_pytorchs() {
+    let c = AllocatorConfig::parse("").unwrap();
+    assert_eq!(c.max_split_size, u64::MAX);
+    assert_eq!(c.large_segment_size, 20 << 20);
+    assert!(!c.expandable_segments);
+}
+
+#[test]
+fn divisions_in_both_syntaxes() {
+    let c = AllocatorConfig::parse("roundup_power2_divisions:4").unwrap();
+    assert_eq!(c.roundup_power2_divisions, [4; 16]);
+    let c = AllocatorConfig::parse("roundup_power2_divisions:[64:8,256:4,1024:4,>:1]").unwrap();
+    // PyTorch sets only each key's own interval (and, for the first key, all below it):
+    // the intervals between keys (128 MB, 512 MB) keep 0 divisions.
+    let mut want = [8u64; 16];
+    want[7] = 0;
+    want[8] = 4;
+    want[9] = 0;
+    want[10] = 4;
+    for w in &mut want[11..] {
+        *w = 1;
+    }
+    assert_eq!(c.roundup_power2_divisions, want);
+    assert_eq!(divisions_for(&c, 100 << 20), 8);
+    assert_eq!(divisions_for(&c, 300 << 20), 4);
+    assert_eq!(divisions_for(&c, 600 << 20), 0);
+    assert_eq!(divisions_for(&c, 1 << 40), 1);
+    assert_eq!(divisions_for(&c, 1000), 8);
+}
+
+#[test]
+fn bad_options_are_errors() {
+    for bad in [
+        "max_split_size_mb:10",
+        "max_split_size_mb:abc",
+        "expandable_segments:true",
+        "garbage_collection_threshold:1.5",
+        "roundup_power2_divisions:3",
+        "roundup_power2_divisions:[63:4]",
+        "no_such_key:1",
+        "max_split_size_mb",
+        "backend:cudaMallocAsync",
+        "per_process_memory_fraction:2",
+    ] {
+        let e = AllocatorConfig::parse(bad);
+        assert!(e.is_err(), "{bad} should be rejected");
+    }
+}
+
+#[test]
+fn whitespace_and_inert_keys() {
+    let c = AllocatorConfig::parse(" max_split_size_mb : 128 , pinned_use_cuda_host_register:True").unwrap();
+    assert_eq!(c.max_split_size, 128 << 20);
+    assert_eq!(c.inert.len(), 1);
+}
+
+#[test]
+fn policies() {
+    assert!(Policy::parse("torch-expandable").unwrap().config.expandable_segments);
+    assert_eq!(Policy::parse("torch:expandable_segments:True").unwrap().kind, PolicyKind::TorchExpandable);
+    assert!(Policy::parse("tensorflow").is_err());
+    assert!(AllocatorConfig::parse("policy:tensorflow").is_err());
+    for name in Policy::NAMES {
+        assert_eq!(Policy::parse(name).unwrap().name(), *name);
+        assert_eq!(
+            AllocatorConfig::parse(&format!("policy:{name}")).unwrap().policy.map(Policy::kind_name),
+            Some(*name)
+        );
+    }
+    assert_eq!(Policy::parse("gpumem").unwrap().kind, PolicyKind::Gpumem);
+    assert!(Policy::parse("gpumem:max_split_size_mb:128").is_err(), "torch-only options are refused");
+    assert!(Policy::parse("gpumem:roundup_power2_divisions:4").is_ok());
+    assert!(Policy::parse("torch:policy:gpumem").is_err());
+    let c = AllocatorConfig::parse("max_split_size_mb:128").unwrap();
+    assert_eq!(c.policy_or(PolicyKind::Gpumem), PolicyKind::Torch, "PyTorch settings keep their meaning");
+    assert_eq!(AllocatorConfig::parse("").unwrap().policy_or(PolicyKind::Gpumem), PolicyKind::Gpumem);
+    let c = AllocatorConfig::parse("policy:torch-expandable").unwrap();
+    assert_eq!(c.policy_or(PolicyKind::Gpumem), PolicyKind::TorchExpandable);
+    assert_eq!(
+        Policy::parse("torch:max_split_size_mb:64").unwrap().to_string(),
+        "torch:max_split_size_mb:64"
+    );
+}
