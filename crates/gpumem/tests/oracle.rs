@@ -34,7 +34,15 @@ fn a_reuse_on_another_stream_with_no_wait_is_a_violation() {
     assert_eq!(r.stream_violation_count, 1);
     assert_eq!(r.cross_stream_reuses, 0);
     let v = r.first_violation.expect("described");
-    let want = StreamViolation { call: 3, addr: P, size: N, freed_on: A, reused_on: B, unfinished: A };
+    let want = StreamViolation {
+        call: 3,
+        addr: P,
+        size: N,
+        freed_on: A,
+        reused_on: B,
+        unfinished: A,
+        unmapped: false,
+    };
     assert_eq!(v, want);
     let text = v.to_string();
     assert!(text.contains("call 3") && text.contains("0x10000000") && text.contains("stream 0x2"), "{text}");
@@ -147,4 +155,32 @@ fn a_reused_event_proves_only_its_latest_record() {
     assert!(o.query_event(e).unwrap());
     o.note_malloc(P, N, B);
     assert_eq!(o.report().stream_violations, N);
+}
+
+/// Unmapping freed bytes before the stream that freed them is known done is a violation too:
+/// a kernel still running there would fault. After a wait it is not.
+#[test]
+fn an_unmap_before_the_freeing_stream_is_done_is_a_violation() {
+    let sim = SimDevice::new(1 << 30);
+    let o = StreamOracle::new(sim.clone());
+    let base = o.reserve(64 << 20).unwrap();
+    o.map(base, 2 << 20).unwrap();
+    o.note_malloc(base, N, A);
+    o.note_free(base);
+    o.unmap(base, 2 << 20).unwrap();
+    let r = o.report();
+    assert_eq!((r.stream_violations, r.stream_violation_count), (N, 1));
+    let v = r.first_violation.expect("described");
+    assert!(v.unmapped && v.to_string().contains("were unmapped"), "{v}");
+
+    // the same with an event of A, recorded after the free and waited for, is clean
+    let o = StreamOracle::new(sim);
+    o.map(base + (2 << 20), 2 << 20).unwrap();
+    o.note_malloc(base + (2 << 20), N, A);
+    o.note_free(base + (2 << 20));
+    let e = o.create_event().unwrap();
+    o.record_event(e, A).unwrap();
+    o.synchronize_event(e).unwrap();
+    o.unmap(base + (2 << 20), 2 << 20).unwrap();
+    assert_eq!(o.report().stream_violations, 0);
 }

@@ -60,15 +60,23 @@ pub struct StreamViolation {
     pub reused_on: StreamId,
     /// A stream that used them and was not known to be done with them.
     pub unfinished: StreamId,
+    /// Whether the bytes were unmapped (rather than handed to `reused_on`) before that work
+    /// was known to be done: a kernel still running on them would fault.
+    pub unmapped: bool,
 }
 
 impl fmt::Display for StreamViolation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.unmapped {
+            "were unmapped".to_string()
+        } else {
+            format!("were handed to stream {}", self.reused_on)
+        };
         write!(
             f,
-            "call {}: {} bytes at {:#x}, freed by a block of stream {}, were handed to stream {} \
-             before the work of stream {} on them was known to be done",
-            self.call, self.size, self.addr, self.freed_on, self.reused_on, self.unfinished
+            "call {}: {} bytes at {:#x}, freed by a block of stream {}, {what} before the work of \
+             stream {} on them was known to be done",
+            self.call, self.size, self.addr, self.freed_on, self.unfinished
         )
     }
 }
@@ -275,6 +283,7 @@ impl<D: Device> StreamOracle<D> {
                         freed_on: f.freed_on,
                         reused_on: stream,
                         unfinished: x,
+                        unmapped: false,
                     });
                 }
                 None if any => r.cross_stream_reuses += len,
@@ -379,7 +388,38 @@ impl<D: Device> Device for StreamOracle<D> {
     fn map(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
         self.shared.device.map(ptr, size)
     }
+    /// Unmapping does not wait for the GPU: every stream that used freed bytes in the range
+    /// must be known done first (Note \[Which wait before unmapping\] in `packed/waits.rs`),
+    /// or a kernel still running there would fault. Bytes that were never freed (fresh pages)
+    /// carry no work.
     fn unmap(&self, ptr: u64, size: u64) -> Result<(), DeviceError> {
+        let mut s = self.shared.state.lock();
+        let call = s.calls;
+        let runs: Vec<(u64, Freed)> = s
+            .freed
+            .range(..ptr.saturating_add(size))
+            .filter(|(_, f)| f.end > ptr)
+            .map(|(&a, f)| (a, f.clone()))
+            .collect();
+        let mut violated = false;
+        for (a, f) in runs {
+            let (lo, hi) = (a.max(ptr), f.end.min(ptr.saturating_add(size)));
+            if let Some(&(x, _)) = f.waits.iter().find(|&&(x, n)| !s.reached(x, n)) {
+                violated = true;
+                s.report.stream_violations += hi - lo;
+                s.report.first_violation.get_or_insert(StreamViolation {
+                    call,
+                    addr: lo,
+                    size: hi - lo,
+                    freed_on: f.freed_on,
+                    reused_on: f.freed_on,
+                    unfinished: x,
+                    unmapped: true,
+                });
+            }
+        }
+        s.report.stream_violation_count += violated as u64;
+        drop(s);
         self.shared.device.unmap(ptr, size)
     }
     fn remap(&self, ptr: u64, size: u64, keep: &[(u64, u64)]) -> Result<(), DeviceError> {
