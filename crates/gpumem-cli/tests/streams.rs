@@ -17,7 +17,7 @@ fn lines(o: &Output) -> Vec<serde_json::Value> {
 
 #[test]
 fn check_streams_reports_cross_stream_reuse_and_exits_1_only_on_a_violation() {
-    let trace = data("resnet50_train_24steps_side_moved.jsonl.gz");
+    let trace = data("woven/resnet50_train_24steps_side_moved.jsonl.gz");
     let args = ["replay", &trace, "--check-streams", "-p", "torch", "-p", "gpumem", "--json"];
     let o = gpumem(&args);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
