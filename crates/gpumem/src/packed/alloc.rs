@@ -306,7 +306,7 @@ impl<D: Device> Packed<D> {
 
     /// Idle chunks under `[addr, addr + size)` more than `f` times larger than the block.
     fn oversized_idle_chunks(&self, addr: u64, size: u64, f: u64) -> Vec<u32> {
-        self.idle_chunks_under(addr, size, |ch| ch.size > f * size && ch.size > 4 * self.page)
+        self.idle_chunks_under(addr, size, |ch| ch.size > f.saturating_mul(size) && ch.size > 4 * self.page)
     }
 
     /// The idle chunks under `[addr, addr + size)` (unmapped pages skipped) that `pick` says.
