@@ -39,23 +39,10 @@ impl From<gpumem_trace::TraceError> for Failure {
     }
 }
 
-/// An error for the terminal: one line, control characters escaped (a file name or an
-/// option may hold any), and cut where it runs long.
+/// An error for the terminal: one line, escaped (a file name or an option may hold any
+/// character) and cut where it runs long.
 fn one_line(m: &str) -> String {
-    const MAX: usize = 2000;
-    let mut out = String::new();
-    for (i, c) in m.chars().enumerate() {
-        if i == MAX {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    gpumem::escape_for_message(m, 2000)
 }
 
 fn main() -> ExitCode {

@@ -1,5 +1,6 @@
 //! Errors of reading a trace: always one line that names the file and where in it.
 
+use gpumem::escape_for_message as escape;
 use std::fmt;
 
 /// Where in a file a problem is.
@@ -63,25 +64,6 @@ const MAX_MESSAGE: usize = 400;
 const MAX_PATH: usize = 400;
 /// The longest piece of input a message quotes.
 const MAX_QUOTE: usize = 80;
-
-/// `s` with control characters escaped (`\n`, `\u{1b}`) and cut after `max` characters
-/// (marked with `...`).
-fn escape(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == max {
-            out.push_str("...");
-            break;
-        }
-        // bidirectional overrides too: they reorder what the terminal shows
-        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// A piece of input, for a message: in double quotes, its control characters and quotes
 /// escaped, and cut after 80 characters. Every reader quotes what it read through this, so

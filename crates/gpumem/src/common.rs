@@ -1,5 +1,6 @@
 //! What both policies share: request rounding, the request limit, the pointer map, and
-//! PyTorch's way of printing a byte count. Neither policy imports the other; both import this.
+//! PyTorch's way of printing a byte count; and how any part of gpumem shows input in a
+//! message. Neither policy imports the other; both import this.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -39,6 +40,31 @@ pub(crate) fn roundup_power2_next_division(size: u64, divisions: u64) -> u64 {
     } else {
         rounded + step
     }
+}
+
+/// `s` for a message: control characters and bidirectional overrides escaped (`\n`,
+/// `\u{1b}`, `\u{202e}`: a hostile file name, option or trace must not move the terminal's
+/// cursor or reorder what it shows) and cut after `max` characters, marked with `...`. The
+/// options parser, the trace readers and the command line all show input through this.
+///
+/// ```
+/// assert_eq!(gpumem::escape_for_message("a\u{1b}[2J\n", 80), "a\\u{1b}[2J\\n");
+/// assert_eq!(gpumem::escape_for_message("abcdef", 3), "abc...");
+/// ```
+pub fn escape_for_message(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Formats a byte count as PyTorch's C++ `format_size` does: `"512 bytes"`, `"1.50 KiB"`,

@@ -4,6 +4,7 @@
 //! `max_split_size_mb:128,roundup_power2_divisions:[64:8,>:4],expandable_segments:True`.
 //! Unknown keys and bad values are errors that name the key, never silently ignored.
 
+use crate::common::escape_for_message;
 use std::fmt;
 
 /// The environment variable that holds allocator options.
@@ -182,22 +183,10 @@ fn mib(key: &str, v: u64) -> Result<u64, ConfigError> {
     Ok(v << 20)
 }
 
-/// An option value as given, for a message: control characters escaped and long values cut,
-/// so that a hostile `GPUMEM_ALLOC_CONF` cannot reach the terminal raw.
+/// An option value as given, for a message: escaped and cut, so that a hostile
+/// `GPUMEM_ALLOC_CONF` cannot reach the terminal raw.
 fn shown(v: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in v.chars().enumerate() {
-        if i == 80 {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    escape_for_message(v, 80)
 }
 
 fn parse_u64(key: &str, v: &str) -> Result<u64, ConfigError> {

@@ -31,7 +31,7 @@ mod tensor;
 mod torch;
 
 pub use allocator::Allocator;
-pub use common::format_size;
+pub use common::{escape_for_message, format_size};
 pub use config::{AllocatorConfig, ConfigError, PackedOptions, Policy, PolicyKind, ENV_VAR};
 pub use device::cuda::{device_count, driver_present, CudaCounters, CudaDevice};
 pub use device::oracle::{StreamOracle, StreamReport, StreamViolation};
