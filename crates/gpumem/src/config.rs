@@ -404,8 +404,9 @@ impl AllocatorConfig {
         Ok(())
     }
 
-    /// The divisions that apply to a request of `size` bytes.
-    pub(crate) fn roundup_power2_divisions_for(&self, size: u64) -> u64 {
+    /// The `roundup_power2_divisions` that apply to a request of `size` bytes (one interval
+    /// per power of two from 1 MiB).
+    pub fn roundup_power2_divisions_for(&self, size: u64) -> u64 {
         let log = 63 - size.max(1).leading_zeros() as usize;
         let index = log.saturating_sub(20).min(ROUNDUP_INTERVALS - 1);
         self.roundup_power2_divisions[index]

@@ -3,13 +3,6 @@
 
 use gpumem::{AllocatorConfig, Policy, PolicyKind};
 
-/// The divisions that apply to a request of `size` bytes: one interval per power of two from
-/// 1 MiB (what the allocator reads from the option).
-fn divisions_for(c: &AllocatorConfig, size: u64) -> u64 {
-    let log = 63 - size.max(1).leading_zeros() as usize;
-    c.roundup_power2_divisions[log.saturating_sub(20).min(15)]
-}
-
 #[test]
 fn defaults_are_pytorchs() {
     let c = AllocatorConfig::parse("").unwrap();
@@ -34,11 +27,11 @@ fn divisions_in_both_syntaxes() {
         *w = 1;
     }
     assert_eq!(c.roundup_power2_divisions, want);
-    assert_eq!(divisions_for(&c, 100 << 20), 8);
-    assert_eq!(divisions_for(&c, 300 << 20), 4);
-    assert_eq!(divisions_for(&c, 600 << 20), 0);
-    assert_eq!(divisions_for(&c, 1 << 40), 1);
-    assert_eq!(divisions_for(&c, 1000), 8);
+    assert_eq!(c.roundup_power2_divisions_for(100 << 20), 8);
+    assert_eq!(c.roundup_power2_divisions_for(300 << 20), 4);
+    assert_eq!(c.roundup_power2_divisions_for(600 << 20), 0);
+    assert_eq!(c.roundup_power2_divisions_for(1 << 40), 1);
+    assert_eq!(c.roundup_power2_divisions_for(1000), 8);
 }
 
 #[test]
