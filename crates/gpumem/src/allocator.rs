@@ -5,7 +5,7 @@ use crate::device::{Device, StreamId};
 use crate::error::AllocError;
 use crate::packed::Packed;
 use crate::policy::PolicyEngine;
-use crate::report::history::TraceEntry;
+use crate::report::history::{no_frames, Frames, StackSource, TraceEntry};
 use crate::report::snapshot::{recount, SegmentInfo};
 use crate::report::stats::{DeviceStats, MemoryStats};
 use crate::report::summary;
@@ -37,6 +37,11 @@ pub struct Allocator<D: Device> {
     /// pools and counters disagreeing; every later call that would use them then fails with
     /// [`AllocError::Poisoned`] instead.
     poisoned: AtomicBool,
+    /// Where call stacks come from while history is recorded with stacks; `stacks_on` says,
+    /// without taking a lock on every call, whether there is one and history is on.
+    stack_source: Mutex<Option<StackSource>>,
+    stacks_on: AtomicBool,
+    history_on: AtomicBool,
 }
 
 /// The policy, locked for one public call; marks the allocator poisoned if the call panics.
@@ -100,7 +105,13 @@ impl<D: Device> Allocator<D> {
         if let Some(f) = fraction {
             set_memory_fraction(&mut core, f)?;
         }
-        Ok(Allocator { core: Mutex::new(core), poisoned: AtomicBool::new(false) })
+        Ok(Allocator {
+            core: Mutex::new(core),
+            poisoned: AtomicBool::new(false),
+            stack_source: Mutex::new(None),
+            stacks_on: AtomicBool::new(false),
+            history_on: AtomicBool::new(false),
+        })
     }
 
     /// An allocator for a named policy (`"gpumem"`, `"torch-expandable:max_split_size_mb:128"`).
@@ -149,7 +160,22 @@ impl<D: Device> Allocator<D> {
         if size == 0 {
             return Ok(0);
         }
-        self.checked()?.malloc(size, stream)
+        let stack = self.stack();
+        let mut call = self.checked()?;
+        call.history().context = stack;
+        let r = call.malloc(size, stream);
+        call.history().context = no_frames();
+        r
+    }
+
+    /// The caller's stack from the stack source, if one is set: taken before the lock, since
+    /// the source may run code that frees memory (Note on [`StackSource`]).
+    fn stack(&self) -> Frames {
+        if !self.stacks_on.load(Ordering::Relaxed) {
+            return no_frames();
+        }
+        let source = self.stack_source.lock().clone();
+        source.map_or_else(no_frames, |f| f())
     }
 
     /// Frees the block at `ptr`. Freeing 0 does nothing. A pointer this allocator did not
@@ -158,7 +184,12 @@ impl<D: Device> Allocator<D> {
         if ptr == 0 {
             return Ok(());
         }
-        self.checked()?.free(ptr)
+        let stack = self.stack();
+        let mut call = self.checked()?;
+        call.history().context = stack;
+        let r = call.free(ptr);
+        call.history().context = no_frames();
+        r
     }
 
     /// Records that the block at `ptr` is also used on `stream`: when it is freed, it waits
@@ -241,9 +272,20 @@ impl<D: Device> Allocator<D> {
         summary::memory_summary(e.stats(), e.device().index(), abbreviated)
     }
 
-    /// Every segment and block, in address order.
+    /// Every segment and block, in address order; with history recorded with stacks, each
+    /// live block carries the stack that allocated it.
     pub fn snapshot(&self) -> Vec<SegmentInfo> {
-        self.lock().snapshot()
+        let mut e = self.lock();
+        let mut segments = e.snapshot();
+        let live = &e.history().live;
+        if !live.is_empty() {
+            for b in segments.iter_mut().flat_map(|s| s.blocks.iter_mut()) {
+                if let Some(f) = live.get(&b.address) {
+                    b.frames = f.clone();
+                }
+            }
+        }
+        segments
     }
 
     /// Checks every per-pool counter against a recount of the snapshot (PyTorch's
@@ -265,11 +307,37 @@ impl<D: Device> Allocator<D> {
     pub fn record_history(&self, enabled: bool, max_entries: usize) {
         let mut e = self.lock();
         let h = e.history();
+        if !enabled {
+            h.clear();
+        }
         h.enabled = enabled;
         h.max_entries = max_entries.max(1);
-        if !enabled {
-            h.entries.clear();
-        }
+        let source = self.stack_source.lock();
+        self.history_on.store(enabled, Ordering::Relaxed);
+        self.stacks_on.store(enabled && source.is_some(), Ordering::Relaxed);
+    }
+
+    /// Sets where the history takes each allocation's and free's call stack from (`None`:
+    /// no stacks). The Python package sets one that reads the Python frames; a Rust program
+    /// may capture `std::backtrace`. Stacks are collected only while history is recorded.
+    ///
+    /// ```
+    /// use gpumem::{Allocator, AllocatorConfig, Frame, SimDevice, StreamId};
+    /// use std::sync::Arc;
+    /// let a = Allocator::new(SimDevice::default(), AllocatorConfig::default())?;
+    /// a.record_history(true, 1000);
+    /// a.set_stack_source(Some(Arc::new(|| {
+    ///     Arc::from(vec![Frame { filename: "train.py".into(), line: 7, name: "step".into() }])
+    /// })));
+    /// let p = a.malloc(1 << 20, StreamId::DEFAULT)?;
+    /// let block = a.snapshot().into_iter().flat_map(|s| s.blocks).find(|b| b.address == p).unwrap();
+    /// assert_eq!(block.frames[0].line, 7);
+    /// # Ok::<(), gpumem::AllocError>(())
+    /// ```
+    pub fn set_stack_source(&self, source: Option<StackSource>) {
+        let mut s = self.stack_source.lock();
+        self.stacks_on.store(source.is_some() && self.history_on.load(Ordering::Relaxed), Ordering::Relaxed);
+        *s = source;
     }
 
     /// Tags the events recorded from now on (empty to clear).

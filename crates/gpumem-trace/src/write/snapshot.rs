@@ -62,6 +62,13 @@ struct Snapshot {
     external_annotations: Vec<u8>,
 }
 
+fn frames(stack: &[gpumem::Frame]) -> Vec<Frame> {
+    stack
+        .iter()
+        .map(|f| Frame { filename: f.filename.clone(), line: f.line.into(), name: f.name.clone() })
+        .collect()
+}
+
 /// Writes `segments` (from `Allocator::snapshot`) and `history` (from `Allocator::history`) of
 /// device `device` as a PyTorch snapshot pickle; `settings` become its `allocator_settings`.
 pub fn write_snapshot(
@@ -97,7 +104,7 @@ pub fn write_snapshot(
                         BlockState::ActivePendingFree => "active_pending_free",
                         BlockState::Inactive => "inactive",
                     },
-                    frames: Vec::new(),
+                    frames: frames(&b.frames),
                 })
                 .collect(),
         })
@@ -111,7 +118,7 @@ pub fn write_snapshot(
             size: e.size,
             stream: e.stream.0,
             time_us: e.time_us,
-            frames: Vec::new(),
+            frames: frames(&e.frames),
             compile_context: "N/A",
             user_metadata: e.tag.clone(),
         })

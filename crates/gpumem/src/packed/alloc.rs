@@ -6,7 +6,7 @@ use crate::device::{Device, EventId, StreamId};
 use crate::error::{fraction_hint, AllocError, OutOfMemory};
 use crate::packed::plan_region::can_take_over;
 use crate::packed::{chunk_len, Chunk, Packed, Piece, Used, MAX_CHUNK, MIN_CHUNK_CAP};
-use crate::report::history::Action;
+use crate::report::history::{no_frames, Action};
 use crate::report::snapshot::{BlockInfo, BlockState, SegmentInfo};
 use crate::report::stats::PoolKind;
 
@@ -548,14 +548,18 @@ impl<D: Device> Packed<D> {
                     open = false;
                     continue;
                 }
-                Piece::Free { .. } | Piece::Planned => {
-                    BlockInfo { address: addr, size, requested_size: 0, state: BlockState::Inactive }
-                }
+                Piece::Free { .. } | Piece::Planned => BlockInfo {
+                    address: addr,
+                    size,
+                    requested_size: 0,
+                    state: BlockState::Inactive,
+                    frames: no_frames(),
+                },
                 Piece::Used => {
                     let u = &self.live[&addr];
                     let state =
                         if u.allocated { BlockState::ActiveAllocated } else { BlockState::ActivePendingFree };
-                    BlockInfo { address: addr, size, requested_size: u.requested, state }
+                    BlockInfo { address: addr, size, requested_size: u.requested, state, frames: no_frames() }
                 }
             };
             if !open {

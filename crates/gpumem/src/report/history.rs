@@ -4,8 +4,37 @@
 //! at most `max_entries`, as `torch.cuda.memory._record_memory_history` does. The entries are
 //! what a snapshot's `device_traces` holds.
 
+use crate::common::PtrMap;
 use crate::device::StreamId;
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// One frame of the call stack that made an allocation: a Python line, a C++ or a Rust
+/// function, as PyTorch's snapshots name them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// The source file.
+    pub filename: String,
+    /// The line in it (0 if unknown).
+    pub line: u32,
+    /// The function.
+    pub name: String,
+}
+
+/// The call stack of one event, innermost frame first; shared, since one stack is kept by
+/// the history entry and by the live block.
+pub type Frames = Arc<[Frame]>;
+
+/// Where an allocation's call stack comes from when history is recorded with stacks
+/// ([`crate::Allocator::set_stack_source`]): called on the allocating (or freeing) thread
+/// *before* the allocator's lock is taken, since collecting a stack may run code (Python's
+/// garbage collector) that itself frees memory.
+pub type StackSource = Arc<dyn Fn() -> Frames + Send + Sync>;
+
+/// An empty stack.
+pub(crate) fn no_frames() -> Frames {
+    Arc::from(Vec::new())
+}
 
 /// What happened, named as PyTorch's trace names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,6 +107,9 @@ pub struct TraceEntry {
     pub time_us: u64,
     /// A user tag set with `Allocator::set_tag`, empty if none.
     pub tag: String,
+    /// The call stack that made the allocation or free, innermost first; empty unless a
+    /// stack source is set ([`crate::Allocator::set_stack_source`]).
+    pub frames: Frames,
 }
 
 pub(crate) struct History {
@@ -85,11 +117,24 @@ pub(crate) struct History {
     pub max_entries: usize,
     pub entries: VecDeque<TraceEntry>,
     pub tag: String,
+    /// The stack of the public call under way, given to the entries it records.
+    pub context: Frames,
+    /// The stack that made each live block, while history is on: what a snapshot shows for
+    /// the block, and what a leak report groups by. Kept apart from the ring of entries so
+    /// that a long-lived block keeps its stack after its `alloc` entry has left the ring.
+    pub live: PtrMap<Frames>,
 }
 
 impl Default for History {
     fn default() -> Self {
-        History { enabled: false, max_entries: usize::MAX, entries: VecDeque::new(), tag: String::new() }
+        History {
+            enabled: false,
+            max_entries: usize::MAX,
+            entries: VecDeque::new(),
+            tag: String::new(),
+            context: no_frames(),
+            live: PtrMap::default(),
+        }
     }
 }
 
@@ -106,6 +151,23 @@ impl History {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        self.entries.push_back(TraceEntry { action, addr, size, stream, time_us, tag: self.tag.clone() });
+        match action {
+            Action::Alloc => {
+                self.live.insert(addr, self.context.clone());
+            }
+            Action::FreeRequested => {
+                self.live.remove(&addr);
+            }
+            _ => {}
+        }
+        let (tag, frames) = (self.tag.clone(), self.context.clone());
+        self.entries.push_back(TraceEntry { action, addr, size, stream, time_us, tag, frames });
+    }
+
+    /// Stops recording and forgets everything recorded.
+    pub(crate) fn clear(&mut self) {
+        self.enabled = false;
+        self.entries.clear();
+        self.live.clear();
     }
 }

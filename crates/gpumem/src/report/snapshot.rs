@@ -2,6 +2,7 @@
 //! reports them, and a recount of the stats from them.
 
 use crate::device::StreamId;
+use crate::report::history::Frames;
 use crate::report::stats::{DeviceStats, PoolKind};
 
 /// The state of a block, with PyTorch's names.
@@ -37,6 +38,9 @@ pub struct BlockInfo {
     pub requested_size: u64,
     /// Its state.
     pub state: BlockState,
+    /// The call stack that allocated it, innermost first, when history was recorded with
+    /// stacks ([`crate::Allocator::set_stack_source`]); empty otherwise.
+    pub frames: Frames,
 }
 
 /// One segment: a `cuMemAlloc`, or one contiguous mapped range of an expandable segment.

@@ -2,6 +2,7 @@
 //! through the blocks' neighbour links.
 
 use crate::device::Device;
+use crate::report::history::no_frames;
 use crate::report::snapshot::{BlockInfo, BlockState, SegmentInfo};
 use crate::torch::Engine;
 
@@ -41,7 +42,13 @@ impl<D: Device> Engine<D> {
                     seg.active_size += b.size;
                     seg.requested_size += b.requested;
                 }
-                seg.blocks.push(BlockInfo { address: b.ptr, size: b.size, requested_size: requested, state });
+                seg.blocks.push(BlockInfo {
+                    address: b.ptr,
+                    size: b.size,
+                    requested_size: requested,
+                    state,
+                    frames: no_frames(),
+                });
                 cur = b.next.map(|n| &self.blocks[n]);
             }
             out.push(seg);
