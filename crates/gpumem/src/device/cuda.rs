@@ -71,7 +71,7 @@ pub struct CudaDevice {
 struct Handles {
     /// Registered streams, held (Note \[Stream and event ids are not handles\]); the legacy
     /// default stream under [`StreamId::DEFAULT`] from the start.
-    streams: Table<CudaStream>,
+    streams: Table<StreamHandle>,
     /// Live events this device created, by their ids.
     events: Table<CudaEvent>,
     /// The next event id: ids count up and are never reused.
@@ -84,17 +84,33 @@ impl Handles {
             "stream",
             "not registered with this device (CudaDevice::stream_id registers a stream)",
         );
-        streams.insert(StreamId::DEFAULT.0, || ctx.default_stream());
+        streams.insert(StreamId::DEFAULT.0, || Arc::new(StreamHandle::Owned(ctx.default_stream())));
         let events = Table::new("event", "not an event this device created, or destroyed already");
         Handles { streams, events, next_event: AtomicU64::new(1) }
     }
 
-    fn stream(&self, id: StreamId) -> Result<Arc<CudaStream>, DeviceError> {
+    fn stream(&self, id: StreamId) -> Result<Arc<StreamHandle>, DeviceError> {
         self.streams.get(id.0)
     }
 
     fn event(&self, id: EventId) -> Result<Arc<CudaEvent>, DeviceError> {
         self.events.get(id.0)
+    }
+}
+
+/// A stream the device may hand the driver: one of cudarc's, held; or one another library
+/// made and keeps alive ([`CudaDevice::foreign_stream_id`]), by its raw handle.
+enum StreamHandle {
+    Owned(Arc<CudaStream>),
+    Foreign(u64),
+}
+
+impl StreamHandle {
+    fn raw(&self) -> sys::CUstream {
+        match self {
+            StreamHandle::Owned(s) => s.cu_stream(),
+            StreamHandle::Foreign(raw) => *raw as sys::CUstream,
+        }
     }
 }
 
@@ -235,17 +251,40 @@ impl CudaDevice {
         // A registered stream is alive (the table holds it), so no other live stream has its
         // handle: finding the id means finding this very stream.
         if !self.handles.streams.contains(id.0) {
-            self.handles.streams.insert(id.0, || stream.clone());
+            self.handles.streams.insert(id.0, || Arc::new(StreamHandle::Owned(stream.clone())));
         }
         Ok(id)
+    }
+
+    /// The id of a stream that another library created and manages (PyTorch's streams, which
+    /// reach gpumem's plugin as raw `cudaStream_t` handles), registering it by its handle. The
+    /// null handle is the legacy default stream, [`StreamId::DEFAULT`].
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream of this device's context (its primary context,
+    /// which the CUDA runtime uses too), and must stay alive as long as this device may wait
+    /// on it: until the device is dropped. PyTorch's streams qualify: its pools of streams are
+    /// created once per device and never destroyed. A stream destroyed earlier could leave
+    /// its handle to a new stream, and waits meant for the old one would go to the new one
+    /// (Note \[Stream and event ids are not handles\] in `device/mod.rs`).
+    pub unsafe fn foreign_stream_id(&self, stream: sys::CUstream) -> StreamId {
+        let id = StreamId(stream as u64);
+        if !self.handles.streams.contains(id.0) {
+            self.handles.streams.insert(id.0, || Arc::new(StreamHandle::Foreign(id.0)));
+        }
+        id
     }
 
     /// The id of `stream` if it is registered with this device ([`CudaDevice::stream_id`]),
     /// for callers that hold only a reference to it.
     pub fn registered_stream_id(&self, stream: &CudaStream) -> Option<StreamId> {
         let id = StreamId(stream.cu_stream() as u64);
-        let known = self.handles.streams.get(id.0).ok()?;
-        (known.context().cu_ctx() == stream.context().cu_ctx()).then_some(id)
+        match &*self.handles.streams.get(id.0).ok()? {
+            StreamHandle::Owned(known) => {
+                (known.context().cu_ctx() == stream.context().cu_ctx()).then_some(id)
+            }
+            StreamHandle::Foreign(_) => (stream.context().cu_ctx() == self.ctx.cu_ctx()).then_some(id),
+        }
     }
 
     /// How many streams are registered, the legacy default stream included.
@@ -548,8 +587,16 @@ impl Device for CudaDevice {
 
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), DeviceError> {
         let (ev, st) = (self.handles.event(event)?, self.handles.stream(stream)?);
-        // cudarc checks that both belong to one context
-        ev.record(&st).map_err(|e| driver_err("cuEventRecord", e))
+        match &*st {
+            // cudarc checks that both belong to one context
+            StreamHandle::Owned(st) => ev.record(st).map_err(|e| driver_err("cuEventRecord", e)),
+            StreamHandle::Foreign(_) => {
+                self.bind()?;
+                // SAFETY: the event is live (the table's `Arc` holds it) and of this context;
+                // the stream is live by the promise of `foreign_stream_id`.
+                check("cuEventRecord", unsafe { sys::cuEventRecord(ev.cu_event(), st.raw()) })
+            }
+        }
     }
 
     fn query_event(&self, event: EventId) -> Result<bool, DeviceError> {
@@ -576,7 +623,14 @@ impl Device for CudaDevice {
 
     fn synchronize_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         let st = self.handles.stream(stream)?;
-        self.memory_call(|| st.synchronize().map_err(|e| driver_err("cuStreamSynchronize", e)))
+        self.memory_call(|| match &*st {
+            StreamHandle::Owned(s) => s.synchronize().map_err(|e| driver_err("cuStreamSynchronize", e)),
+            // SAFETY: the context is current; the stream is live by the promise of
+            // `foreign_stream_id`.
+            StreamHandle::Foreign(_) => {
+                check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(st.raw()) })
+            }
+        })
     }
 }
 
