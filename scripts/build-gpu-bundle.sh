@@ -18,4 +18,13 @@ cp testdata/*.jsonl.gz testdata/snapshot_sample.pickle .gpu/traces/
 if [ -d ../shared/bench ]; then cp ../shared/bench/*.py .gpu/bench/; fi
 strip --strip-debug .gpu/gpumem .gpu/gpu-tests
 cp scripts/gpu-test.sh scripts/gpu-bench.sh scripts/gpu-ab.sh scripts/record_traces.py scripts/record_long.py .gpu/
+# The Python package as a wheel (abi3: any Python >= 3.10), pytest to test it (the GPU machine
+# has no network), and its tests.
+mkdir -p .gpu/wheels .gpu/py-tests
+maturin build --release -m crates/gpumem-py/Cargo.toml --compatibility linux -o .gpu/wheels --quiet
+pip download --quiet --no-deps -d .gpu/wheels pytest iniconfig pluggy packaging pygments
+cp crates/gpumem-py/tests/*.py .gpu/py-tests/
+cp scripts/gpu-py.sh .gpu/
+for f in scripts/train_bench.py scripts/torch_memory_tests.py; do if [ -f "$f" ]; then cp "$f" .gpu/; fi; done
+if [ -d .gpu-extra ]; then cp -r .gpu-extra .gpu/extra; fi
 echo "bundle in .gpu/: $(du -sh .gpu | cut -f1)"

@@ -91,9 +91,8 @@ impl PyAllocator {
     /// Allocates `size` bytes for use on `stream` (0: the default stream); returns the
     /// address. Raises `gpumem.OutOfMemoryError` when even an emptied cache cannot fit it.
     ///
-    /// It keeps the GIL (unlike the slower calls here), so that a history recorded with
-    /// stacks sees the caller's Python frames (Note \[Stacks without taking the GIL\] in
-    /// `stacks.rs`); the allocator never waits for the GIL while it holds its own lock.
+    /// It keeps the GIL (unlike the slower calls here): a history recorded with stacks
+    /// reads the caller's Python frames (Note \[Stacks and the GIL\] in `stacks.rs`).
     #[pyo3(signature = (size, stream = 0))]
     fn malloc(&self, size: u64, stream: u64) -> PyResult<u64> {
         self.inner.malloc(size, StreamId(stream)).map_err(to_py)

@@ -14,7 +14,8 @@ import textwrap
 
 import pytest
 
-TESTDATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "testdata")
+# the repository's testdata/, or where GPUMEM_TESTDATA says (the GPU bundle's traces/)
+TESTDATA = os.environ.get("GPUMEM_TESTDATA") or os.path.join(os.path.dirname(__file__), "..", "..", "..", "testdata")
 
 
 def run_python(code: str, *, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -184,12 +184,9 @@ impl<D: Device> Allocator<D> {
         if ptr == 0 {
             return Ok(());
         }
-        let stack = self.stack();
-        let mut call = self.checked()?;
-        call.history().context = stack;
-        let r = call.free(ptr);
-        call.history().context = no_frames();
-        r
+        // No stack for a free: frees run on any thread, from destructors, and a stack source
+        // that waits for Python's GIL there could wait on a thread that waits on this one.
+        self.checked()?.free(ptr)
     }
 
     /// Records that the block at `ptr` is also used on `stream`: when it is freed, it waits
@@ -317,7 +314,7 @@ impl<D: Device> Allocator<D> {
         self.stacks_on.store(enabled && source.is_some(), Ordering::Relaxed);
     }
 
-    /// Sets where the history takes each allocation's and free's call stack from (`None`:
+    /// Sets where the history takes each allocation's call stack from (`None`:
     /// no stacks). The Python package sets one that reads the Python frames; a Rust program
     /// may capture `std::backtrace`. Stacks are collected only while history is recorded.
     ///

@@ -164,7 +164,8 @@ def apply(originals: dict) -> None:
     if cudnn_set is not None:
         put(C, "_set_cudnn_benchmark", _cudnn_benchmark_setter(cudnn_set))
         cudnn = type(torch.backends.cudnn)
-        prop = getattr(cudnn, "benchmark", None)
+        # from the class's dict: reading the attribute would call the property
+        prop = cudnn.__dict__.get("benchmark")
         if prop is not None and hasattr(prop, "getter"):
             put(cudnn, "benchmark", type(prop)(prop.getter, _cudnn_benchmark_setter(cudnn_set)))
     put(

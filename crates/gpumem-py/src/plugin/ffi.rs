@@ -5,8 +5,9 @@
 //! The rules every function here keeps (`../shared/reference/pytorch-plugin.md` says why):
 //! - No panic crosses the interface: each body runs under `catch_unwind`, and a panic
 //!   becomes an error (malloc) or is reported and swallowed (the rest).
-//! - No GIL: nothing here takes it (stacks are read only where the thread holds it already,
-//!   Note \[Stacks without taking the GIL\] in `stacks.rs`).
+//! - No GIL: nothing here takes it, except malloc while history is recorded with Python
+//!   stacks, as PyTorch's own allocator does then, and never under the allocator's lock (Note
+//!   \[Stacks and the GIL\] in `stacks.rs`).
 //! - Every call uses its `device` argument, and leaves the thread's CUDA context as it found
 //!   it (Note \[The caller's context\] in `context.rs`).
 //! - Free works from any thread and never fails loudly: PyTorch calls it from destructors,

@@ -26,9 +26,10 @@ pub struct Frame {
 pub type Frames = Arc<[Frame]>;
 
 /// Where an allocation's call stack comes from when history is recorded with stacks
-/// ([`crate::Allocator::set_stack_source`]): called on the allocating (or freeing) thread
-/// *before* the allocator's lock is taken, since collecting a stack may run code (Python's
-/// garbage collector) that itself frees memory.
+/// ([`crate::Allocator::set_stack_source`]): called on the allocating thread *before* the
+/// allocator's lock is taken, since collecting a stack may run code (Python's garbage
+/// collector) that itself frees memory, or wait (for Python's GIL) on a thread that is
+/// itself waiting for the allocator.
 pub type StackSource = Arc<dyn Fn() -> Frames + Send + Sync>;
 
 /// An empty stack.
@@ -107,8 +108,8 @@ pub struct TraceEntry {
     pub time_us: u64,
     /// A user tag set with `Allocator::set_tag`, empty if none.
     pub tag: String,
-    /// The call stack that made the allocation or free, innermost first; empty unless a
-    /// stack source is set ([`crate::Allocator::set_stack_source`]).
+    /// The call stack that made the allocation (empty for other events), innermost first;
+    /// empty unless a stack source is set ([`crate::Allocator::set_stack_source`]).
     pub frames: Frames,
 }
 
