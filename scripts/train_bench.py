@@ -824,6 +824,7 @@ def report(results, args, meta):
 
 
 def write_out(path, doc):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
@@ -847,7 +848,7 @@ def parse_args(argv):
     p.add_argument("--search-max", type=int, default=4096, help="largest batch the search tries")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test, with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny model configs and inputs (for --device cpu)")
-    p.add_argument("--out", default="train_bench.json", help="JSON output (a .md with the table goes beside it)")
+    p.add_argument("--out", default="bench-out/train_bench.json", help="JSON output (a .md with the table goes beside it)")
     p.add_argument("--workdir", help="children's JSON and logs (default: OUT without .json, plus .d)")
     p.add_argument("--prestart", type=int, default=2,
                    help="children started ahead, waiting before CUDA init, to hide process starts (0: none)")
