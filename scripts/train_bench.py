@@ -857,7 +857,8 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, default=540,
                    help="stop starting runs when the next one would end past this many seconds (0: none)")
     p.add_argument("--det-warn-only", action="store_true",
-                   help="use_deterministic_algorithms(True, warn_only=True) instead of raising")
+                   help="use_deterministic_algorithms(True, warn_only=True) instead of raising (beware: in warn-only "
+                        "mode PyTorch's flash/memory-efficient attention keep their non-deterministic backward)")
     p.add_argument("--gpumem-option", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to gpumem.torch.enable(**options); VALUE parsed as JSON when it can be")
     p.add_argument("--skip-unavailable", action="store_true",
@@ -926,6 +927,10 @@ def main(argv):
           "(%.0f s if every start showed, at %.0f s each); time budget %s"
           % (len(plan), sum(i["mode"] == "train" for i in plan), sum(i["mode"] == "search" for i in plan),
              est, est_cold, EST_START_S, "%.0f s" % args.time_budget if args.time_budget else "none"), flush=True)
+    if args.time_budget and est > args.time_budget:
+        print("warning: the plan is estimated past --time-budget %.0f s, so its last runs would be left out; "
+              "split it (--models resnet50,gpt2 then --models vit,bert --no-max-batch, then --merge)"
+              % args.time_budget, flush=True)
     if args.plan:
         for i in plan:
             print("  %-6s %-8s %-12s round %d  ~%.0f s" % (i["mode"], i["model"], i["allocator"], i["round"],
