@@ -87,8 +87,11 @@ def test_out_of_memory_says_cuda_out_of_memory_first_and_what_is_held():
         assert err is None
         ptr, err = try_malloc(5 << 30)
         assert ptr is None
-        assert err.startswith("CUDA out of memory."), err
+        # PyTorch's own first sentences, which programs and PyTorch's tests match on
+        assert err.startswith("CUDA out of memory. Tried to allocate 5.00 GiB. GPU 0 has a total capacity of 8.00 GiB of which"), err
         assert "gpumem" in err and "reserved but unallocated" in err, err
+        ptr, err = try_malloc(1 << 62)
+        assert ptr is None and err.startswith("CUDA out of memory. Tried to allocate more than 1EB memory."), err
         free(keep)
         again, err = try_malloc(5 << 30)
         assert err is None, "the program can free memory and go on"

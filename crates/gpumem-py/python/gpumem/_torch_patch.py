@@ -62,8 +62,17 @@ def _reset_accumulated(*args: Any, **kwargs: Any) -> None:
         a.reset_accumulated_memory_stats()
 
 
+# actions `_record_memory_history(skip_actions=[...])` asked to leave out of the traces
+_skipped_actions: set[str] = set()
+
+
 def _snapshot(*args: Any, **kwargs: Any) -> dict:
-    return _gpumem._plugin_snapshot()
+    snap = _gpumem._plugin_snapshot()
+    if _skipped_actions:
+        snap["device_traces"] = [
+            [e for e in trace if e["action"] not in _skipped_actions] for trace in snap["device_traces"]
+        ]
+    return snap
 
 
 _STACK_KINDS = ("python", "all")
@@ -73,9 +82,12 @@ def _record_history(*args: Any, **kwargs: Any) -> None:
     """``torch._C._cuda_record_memory_history(enabled, context, stacks, max_entries, ...)``:
     ``enabled`` None stops; ``stacks`` "python" or "all" keeps Python frames ("cpp" has none
     here: gpumem records no C++ frames)."""
-    names = ("enabled", "context", "stacks", "max_entries")
+    names = ("enabled", "context", "stacks", "max_entries", "clear_history", "compile_context",
+             "global_record_annotations", "skip_actions")
     given = dict(zip(names, args))
     given.update({k: v for k, v in kwargs.items() if k in names})
+    _skipped_actions.clear()
+    _skipped_actions.update(given.get("skip_actions") or ())
     enabled = given.get("enabled")
     if enabled is None or enabled is False:
         _gpumem._plugin_record_history(False)

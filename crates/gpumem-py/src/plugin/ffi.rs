@@ -18,7 +18,7 @@ use super::context::KeepContext;
 use super::{allocator, existing, forked, is_cuda};
 use crate::allocator::Inner;
 use crate::device::AnyDevice;
-use gpumem::{AllocError, Policy, StreamId};
+use gpumem::{format_size, AllocError, Policy, StreamId};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,19 +64,28 @@ fn device_index(device: c_int) -> Result<usize, String> {
     usize::try_from(device).map_err(|_| format!("gpumem: invalid device index {device}"))
 }
 
-/// The message for a failed allocation: PyTorch's prefix, which programs match on, then
-/// gpumem's report.
+/// The message for a failed allocation: PyTorch's own first sentences, which programs and
+/// PyTorch's tests match on ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a
+/// total capacity of ..."), then gpumem's report of where the memory is.
 fn malloc_error(size: usize, device: usize, a: Option<&Inner>, e: AllocError) -> String {
     let policy = a.map_or("?", |a| Policy::kind_name(a.policy()));
     match e {
         AllocError::OutOfMemory(oom) => {
-            let text = oom.to_string();
-            let text = text.strip_prefix("GPU out of memory: ").unwrap_or(&text);
-            format!("CUDA out of memory. gpumem ({policy} policy) {text}")
+            let full = oom.to_string();
+            let rest = full.split_once(" is free. ").map_or(full.as_str(), |(_, rest)| rest);
+            format!(
+                "CUDA out of memory. Tried to allocate {}. GPU {} has a total capacity of {} of which {} is free. {rest} (gpumem, {policy} policy)",
+                format_size(oom.alloc_size),
+                oom.device,
+                format_size(oom.total),
+                format_size(oom.free),
+            )
         }
-        other => {
-            format!("gpumem ({policy} policy) could not allocate {size} bytes on device {device}: {other}")
-        }
+        // PyTorch's words for an impossible size, which its own tests match on
+        AllocError::TooLarge(_) => format!(
+            "CUDA out of memory. Tried to allocate more than 1EB memory. (gpumem, {policy} policy: {size} bytes were asked for; check the size computation)"
+        ),
+        other => format!("gpumem ({policy} policy) could not allocate {size} bytes on device {device}: {other}"),
     }
 }
 
