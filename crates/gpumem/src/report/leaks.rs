@@ -55,18 +55,26 @@ pub struct LeakReport {
 
 /// The frames of a stack that name its allocation site: those with a line number (the
 /// Python lines of a PyTorch stack, whose C++ frames have none) where it has any, else the
-/// whole stack. Two allocations from the same Python line through different C++ paths are
-/// then one site.
+/// whole stack less the frames of the stack capture and of PyTorch's allocator itself. Two
+/// allocations from the same Python line through different C++ paths are then one site.
 pub fn site_frames(frames: &[Frame]) -> Frames {
     if frames.iter().any(|f| f.line > 0) {
         frames.iter().filter(|f| f.line > 0).cloned().collect()
     } else {
-        frames.iter().cloned().collect()
+        const MACHINERY: [&str; 4] = [
+            "torch::unwind::",
+            "torch::CapturedTraceback::",
+            "torch::cuda::(anonymous namespace)::gather",
+            "c10::cuda::CUDACachingAllocator::",
+        ];
+        let inner = frames.iter().take_while(|f| MACHINERY.iter().any(|m| f.name.starts_with(m))).count();
+        frames[inner..].iter().cloned().collect()
     }
 }
 
-/// How many frames of a site [`LeakReport`]'s text shows.
-const SHOWN_FRAMES: usize = 6;
+/// How many frames of a site [`LeakReport`]'s text shows: the innermost, and the two
+/// outermost (the program's own lines, in a Python stack), where it has more.
+const SHOWN_FRAMES: usize = 8;
 /// How many sites its text shows.
 const SHOWN_SITES: usize = 20;
 
@@ -118,9 +126,9 @@ impl LeakSite {
     }
 }
 
-/// A frame as `file:line in function`.
+/// A frame as `file:line in function` (`function` alone where the file is unknown).
 pub fn show_frame(f: &Frame) -> String {
-    match (f.filename.is_empty(), f.line) {
+    match (f.filename.is_empty() || f.filename == "??", f.line) {
         (true, _) => f.name.clone(),
         (false, 0) => format!("{} in {}", f.filename, f.name),
         (false, l) => format!("{}:{l} in {}", f.filename, f.name),
@@ -158,11 +166,13 @@ impl fmt::Display for LeakReport {
             if s.frames.is_empty() {
                 writeln!(f, "    (no stack recorded)")?;
             }
-            for fr in s.frames.iter().take(SHOWN_FRAMES) {
-                writeln!(f, "    {}", show_frame(fr))?;
-            }
-            if s.frames.len() > SHOWN_FRAMES {
-                writeln!(f, "    ... {} more frames", s.frames.len() - SHOWN_FRAMES)?;
+            let n = s.frames.len();
+            for (i, fr) in s.frames.iter().enumerate() {
+                if n <= SHOWN_FRAMES || i < SHOWN_FRAMES - 3 || i >= n - 2 {
+                    writeln!(f, "    {}", show_frame(fr))?;
+                } else if i == SHOWN_FRAMES - 3 {
+                    writeln!(f, "    ... {} more frames", n - SHOWN_FRAMES + 1)?;
+                }
             }
         }
         if n > SHOWN_SITES {
