@@ -52,7 +52,7 @@ impl Series {
 
     /// Fills buckets no op fell in (more buckets than ops never happens, but an empty
     /// trace prefix may) with the value before them.
-    fn to_json(mut self) -> Value {
+    fn into_json(mut self) -> Value {
         let mut prev = 0;
         for b in 0..self.min.len() {
             if self.min[b] == u64::MAX {
@@ -104,7 +104,7 @@ fn position_after(schedule: &Schedule, n: u64) -> usize {
 }
 
 /// One policy's replay: its figures, its reserved bytes over time, and the op after which
-/// its reserved bytes peaked.
+/// its reserved bytes stood at their peak with the most allocated.
 struct PolicyRun {
     report: Value,
     reserved: Series,
@@ -120,13 +120,18 @@ fn run_policy(
     buckets: usize,
 ) -> Result<PolicyRun, Failure> {
     let (mut reserved, mut live) = (Series::new(buckets), Series::new(buckets));
-    let (mut peak, mut peak_op) = (0u64, 0u64);
+    // the op after which reserved bytes stood at their peak with the most allocated: the
+    // fullest the peak ever was (where a peak was reached only inside an op, that op)
+    let (mut peak, mut peak_op, mut peak_allocated) = (0u64, 0u64, 0u64);
     let mut observe = |s: &Step, a: &Allocator<SimDevice>| {
         let b = bucket(s.index, ops, buckets);
         let (now, high) = (a.memory_reserved(), a.max_memory_reserved());
         let high_here = if high > peak { high } else { now };
-        if high > peak {
-            (peak, peak_op) = (high, s.index);
+        if high > peak || (now == peak && s.index > 0 && !matches!(s.op, Op::EmptyCache)) {
+            let allocated = a.memory_allocated();
+            if high > peak || allocated > peak_allocated {
+                (peak, peak_op, peak_allocated) = (high, s.index, allocated);
+            }
         }
         reserved.note(b, now, high_here);
         live.note(b, s.live_requested, s.live_requested);
@@ -163,10 +168,8 @@ fn peak_map(
                 ptr_of[id as usize] = s.ptr;
                 id_at.insert(s.ptr, id);
             }
-            Op::Free { id } | Op::Complete { id } => {
-                if id_at.get(&ptr_of[id as usize]) == Some(&id) {
-                    id_at.remove(&ptr_of[id as usize]);
-                }
+            Op::Free { id } | Op::Complete { id } if id_at.get(&ptr_of[id as usize]) == Some(&id) => {
+                id_at.remove(&ptr_of[id as usize]);
             }
             _ => {}
         }
@@ -223,8 +226,7 @@ fn peak_map(
 /// frames, or, for a trace without them, by requested size.
 fn peak_sites(trace: &Trace, sched: &Schedule, peak_op: u64, frames: &mut FrameTable) -> Value {
     let blocks = live_after(trace, sched, position_after(sched, peak_op));
-    let by_size = trace.frames.is_empty();
-    let report = if by_size {
+    if trace.frames.is_empty() {
         // one "site" per requested size: the sizes that hold the most
         let mut groups: HashMap<u64, Vec<LiveBlock>> = HashMap::new();
         for b in blocks {
@@ -239,9 +241,8 @@ fn peak_sites(trace: &Trace, sched: &Schedule, peak_op: u64, frames: &mut FrameT
             .map(|&(size, count, bytes)| json!({"frames": -1, "size": size, "count": count, "bytes": bytes}))
             .collect();
         return json!({"op": peak_op, "by": "size", "list": list, "count": sites.len()});
-    } else {
-        LeakReport::from_blocks(blocks)
-    };
+    }
+    let report = LeakReport::from_blocks(blocks);
     let list: Vec<Value> = report
         .top(SITES)
         .iter()
@@ -264,7 +265,7 @@ fn trace_data(path: &str, policies: &[Policy], cap: u64) -> Result<Value, Failur
         peaks.push(peak_map(&trace, &sched, policy, cap, run.peak_op, &mut frames)?);
         live_peak_op = run.report["peak_op"].as_u64().unwrap_or(0);
         reports.push(run.report);
-        reserved.push(run.reserved.to_json());
+        reserved.push(run.reserved.into_json());
         live.get_or_insert(run.live);
     }
     // the first op of each bucket, and its time from the trace's first event
@@ -296,7 +297,7 @@ fn trace_data(path: &str, policies: &[Policy], cap: u64) -> Result<Value, Failur
         "timeline": {
             "first_op": first_op,
             "time_us": time_us,
-            "live": live.map(Series::to_json),
+            "live": live.map(Series::into_json),
             "reserved": reserved,
         },
         "peaks": peaks,
@@ -321,7 +322,15 @@ pub(crate) fn run(a: &ReportArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Input(format!("{}: cannot create: {e}", a.output)))?;
     let mut traces = Vec::new();
     for path in &a.traces {
-        traces.push(trace_data(path, &policies, cap)?);
+        match trace_data(path, &policies, cap) {
+            Ok(t) => traces.push(t),
+            Err(e) => {
+                // no half-made page left behind
+                drop(file);
+                let _ = std::fs::remove_file(&a.output);
+                return Err(e);
+            }
+        }
     }
     let data = json!({"generator": format!("gpumem {}", env!("CARGO_PKG_VERSION")), "traces": traces});
     let html = page(&data);

@@ -201,8 +201,18 @@ impl Browser {
         self.call("Input.dispatchMouseEvent", json!({"type": "mouseMoved", "x": x, "y": y}));
     }
 
-    /// A PNG of the viewport.
-    pub fn screenshot(&mut self) -> Vec<u8> {
+    /// A PNG of the page from its top, `height` pixels high: the viewport is made that tall
+    /// first (and the page given time to redraw for it), so that nothing is cut or blank.
+    pub fn screenshot(&mut self, width: u32, height: u32) -> Vec<u8> {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+        );
+        // the page redraws 120 ms after a resize
+        std::thread::sleep(Duration::from_millis(400));
+        self.eval(
+            "window.scrollTo(0, 0); new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))",
+        );
         let r = self.call("Page.captureScreenshot", json!({"format": "png"}));
         decode_base64(r["data"].as_str().expect("image data"))
     }

@@ -144,11 +144,11 @@ fn the_report_of_the_shared_traces_renders_in_chromium() {
 
     // hovering a block shows its details
     for t in TRACES.iter().chain(["snapshot_sample.pickle"].iter()) {
-        for pi in 0..POLICIES.len() {
+        for (pi, policy) in POLICIES.iter().enumerate() {
             let (tip, point) =
-                hover_block(&mut b, t, pi, 0).unwrap_or_else(|| panic!("{t} / {}: no block", POLICIES[pi]));
+                hover_block(&mut b, t, pi, 0).unwrap_or_else(|| panic!("{t} / {policy}: no block"));
             let addr = format!("address {:#x}", point["address"].as_u64().unwrap());
-            assert!(tip.starts_with("allocated block"), "{t} / {}: {tip}", POLICIES[pi]);
+            assert!(tip.starts_with("allocated block"), "{t} / {policy}: {tip}");
             assert!(
                 tip.contains(&addr) && tip.contains("stream ") && tip.contains("requested "),
                 "{t}: {tip}"
@@ -157,7 +157,7 @@ fn the_report_of_the_shared_traces_renders_in_chromium() {
                 assert!(tip.contains(".py:"), "the snapshot's Python frames: {tip}");
             }
             if let Some((tip, _)) = hover_block(&mut b, t, pi, 2) {
-                assert!(tip.starts_with("free (reserved but unallocated)"), "{t} / {}: {tip}", POLICIES[pi]);
+                assert!(tip.starts_with("free (reserved but unallocated)"), "{t} / {policy}: {tip}");
             }
         }
     }
@@ -171,8 +171,12 @@ fn the_report_of_the_shared_traces_renders_in_chromium() {
     let errors = b.errors();
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 
-    b.eval("window.gpumemReport.showMap[window.gpumemReport.charts[0].trace](2); window.scrollTo(0, 0); document.getElementById('tip').style.display = 'none'; true");
-    let png = b.screenshot();
+    // the torch policy's map, where reserved but unallocated memory shows most
+    b.eval("window.gpumemReport.showMap[window.gpumemReport.charts[0].trace](0); window.scrollTo(0, 0); document.getElementById('tip').style.display = 'none'; window.gpumemReport.charts.forEach(c => c.redraw()); true");
+    // the first trace: its figures, its chart and its segment map
+    let h =
+        b.eval("document.querySelector('#trace-0 .sites').getBoundingClientRect().top + window.scrollY - 60");
+    let png = b.screenshot(1400, h.as_f64().unwrap() as u32);
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "a screenshot");
     std::fs::write(out_dir().join("report.png"), &png).unwrap();
     if std::env::var("GPUMEM_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1") {
