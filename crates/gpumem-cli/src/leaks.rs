@@ -72,7 +72,7 @@ struct JsonLeaks<'a> {
     /// Events in the trace.
     events: usize,
     /// The report is of the state just after this event (the last one at the end).
-    at_event: Option<usize>,
+    at_event: usize,
     /// Whether the trace has stacks.
     has_frames: bool,
     count: u64,
@@ -148,7 +148,7 @@ pub(crate) fn run(a: &LeaksArgs) -> Result<(), Failure> {
         let out = JsonLeaks {
             trace: trace.name(),
             events,
-            at_event: Some(cut.unwrap_or(events - 1)),
+            at_event: cut.unwrap_or(events - 1),
             has_frames: !trace.frames.is_empty(),
             count: report.count,
             bytes: report.bytes,
