@@ -281,8 +281,11 @@ pub(super) fn entry_frames(data: &[u8], keep: impl Fn(&str) -> bool) -> Option<V
         _ => None,
     })?;
     let entries = entries.borrow();
-    // one Frames per distinct shared list, as the pickle shares them
-    let mut shared: HashMap<*const RefCell<Vec<V>>, Frames> = HashMap::new();
+    // PyTorch shares each frame (a dict) between stacks, not the stacks (lists) themselves:
+    // one Frame per shared dict, and one Frames per distinct sequence of them, so that memory
+    // grows with the distinct stacks and frames, not with the events
+    let mut frames: HashMap<*const RefCell<Vec<(V, V)>>, Option<Frame>> = HashMap::new();
+    let mut stacks: HashMap<Vec<*const RefCell<Vec<(V, V)>>>, Frames> = HashMap::new();
     let mut out = Vec::with_capacity(entries.len());
     let mut any = false;
     for e in entries.iter() {
@@ -292,15 +295,38 @@ pub(super) fn entry_frames(data: &[u8], keep: impl Fn(&str) -> bool) -> Option<V
             Some(V::Str(a)) if keep(&a) => {}
             _ => continue,
         }
-        let frames = match get(&d, "frames") {
-            Some(V::List(l)) => shared
-                .entry(Rc::as_ptr(&l))
-                .or_insert_with(|| l.borrow().iter().filter_map(frame).collect::<Vec<_>>().into())
-                .clone(),
-            _ => Frames::from(Vec::new()),
+        let key: Vec<_> = match get(&d, "frames") {
+            Some(V::List(l)) => l
+                .borrow()
+                .iter()
+                .filter_map(|f| match f {
+                    V::Dict(fd) => Some(Rc::as_ptr(fd)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
         };
-        any |= !frames.is_empty();
-        out.push(frames);
+        let stack = match stacks.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let list: Vec<Frame> = match get(&d, "frames") {
+                    Some(V::List(l)) => l
+                        .borrow()
+                        .iter()
+                        .filter_map(|f| match f {
+                            V::Dict(fd) => frames.entry(Rc::as_ptr(fd)).or_insert_with(|| frame(f)).clone(),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let s: Frames = list.into();
+                stacks.insert(key, s.clone());
+                s
+            }
+        };
+        any |= !stack.is_empty();
+        out.push(stack);
     }
     any.then_some(out)
 }
