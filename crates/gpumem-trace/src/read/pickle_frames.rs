@@ -13,13 +13,16 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// A dict's items, shared as the memo shares them.
+type Items = RefCell<Vec<(V, V)>>;
+
 /// A decoded value; containers are shared, as the memo shares them.
 #[derive(Clone)]
 enum V {
     Int(i64),
     Str(Rc<str>),
     List(Rc<RefCell<Vec<V>>>),
-    Dict(Rc<RefCell<Vec<(V, V)>>>),
+    Dict(Rc<Items>),
     /// Anything else (None, bools, floats, bytes, tuples, objects).
     Other,
 }
@@ -284,8 +287,8 @@ pub(super) fn entry_frames(data: &[u8], keep: impl Fn(&str) -> bool) -> Option<V
     // PyTorch shares each frame (a dict) between stacks, not the stacks (lists) themselves:
     // one Frame per shared dict, and one Frames per distinct sequence of them, so that memory
     // grows with the distinct stacks and frames, not with the events
-    let mut frames: HashMap<*const RefCell<Vec<(V, V)>>, Option<Frame>> = HashMap::new();
-    let mut stacks: HashMap<Vec<*const RefCell<Vec<(V, V)>>>, Frames> = HashMap::new();
+    let mut frames: HashMap<*const Items, Option<Frame>> = HashMap::new();
+    let mut stacks: HashMap<Vec<*const Items>, Frames> = HashMap::new();
     let mut out = Vec::with_capacity(entries.len());
     let mut any = false;
     for e in entries.iter() {
