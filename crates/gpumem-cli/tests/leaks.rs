@@ -82,3 +82,20 @@ fn a_point_in_the_trace_by_event_or_time() {
     let o = gpumem(&["leaks", "/nonexistent.jsonl"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn a_replays_own_snapshot_has_the_same_live_blocks() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("leaks");
+    std::fs::create_dir_all(&dir).unwrap();
+    for policy in ["torch", "gpumem"] {
+        let out = dir.join(format!("offload-{policy}.pickle")).to_string_lossy().into_owned();
+        let trace = data("offload_side_stream.jsonl.gz");
+        let replay = json(&gpumem(&["replay", &trace, "-p", policy, "--snapshot", &out, "--json"]));
+        let leaks = json(&gpumem(&["leaks", &out, "--json"]));
+        assert_eq!(
+            (&leaks["count"], &leaks["bytes"]),
+            (&replay["live_at_end"], &replay["live_bytes_at_end"]),
+            "{policy}"
+        );
+    }
+}
