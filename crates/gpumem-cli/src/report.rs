@@ -91,6 +91,9 @@ fn bucket(index: u64, ops: u64, buckets: usize) -> usize {
 
 /// Where in `schedule.ops` the `n`th counted op (alloc or free) ends.
 fn position_after(schedule: &Schedule, n: u64) -> usize {
+    if n == 0 {
+        return 0;
+    }
     let mut done = 0;
     for (i, op) in schedule.ops.iter().enumerate() {
         if !matches!(op, Op::EmptyCache) {
