@@ -271,9 +271,11 @@ fn trace_data(path: &str, policies: &[Policy], cap: u64) -> Result<Value, Failur
         reserved.push(run.reserved.into_json());
         live.get_or_insert(run.live);
     }
-    // the first op of each bucket, and its time from the trace's first event
+    // the first op of each bucket, its time from the trace's first event, and the largest
+    // allocation in it: [size, address, stream, event, frames]
     let mut first_op = vec![u64::MAX; buckets];
     let mut time_us: Vec<Value> = vec![Value::Null; buckets];
+    let mut largest: Vec<Option<(u64, u64, u64, usize)>> = vec![None; buckets];
     let t0 = trace.times_us.first().copied();
     let mut counted = 0u64;
     for (i, op) in sched.ops.iter().enumerate() {
@@ -288,7 +290,21 @@ fn trace_data(path: &str, policies: &[Policy], cap: u64) -> Result<Value, Failur
                 time_us[b] = json!(t.saturating_sub(t0));
             }
         }
+        if let Op::Alloc { size, stream, addr, .. } = *op {
+            if largest[b].is_none_or(|l| size > l.0) {
+                largest[b] = Some((size, addr, stream.0, sched.op_events[i]));
+            }
+        }
     }
+    let largest: Vec<Value> = largest
+        .into_iter()
+        .map(|l| match l {
+            Some((size, addr, stream, event)) => {
+                json!([size, addr, stream, event, frames.id(trace.frames_of(event))])
+            }
+            None => Value::Null,
+        })
+        .collect();
     let sites = peak_sites(&trace, &sched, live_peak_op, &mut frames);
     Ok(json!({
         "name": trace.name(),
@@ -300,6 +316,7 @@ fn trace_data(path: &str, policies: &[Policy], cap: u64) -> Result<Value, Failur
         "timeline": {
             "first_op": first_op,
             "time_us": time_us,
+            "largest": largest,
             "live": live.map(Series::into_json),
             "reserved": reserved,
         },
