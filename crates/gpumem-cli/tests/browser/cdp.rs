@@ -62,7 +62,10 @@ impl Browser {
     /// Starts a headless Chromium with a fresh profile, with a page attached.
     pub fn start(exe: &str, width: u32, height: u32) -> Browser {
         use std::os::fd::AsRawFd;
-        let profile = std::env::temp_dir().join(format!("gpumem-chromium-{}-{}", std::process::id(), width));
+        // a fresh profile per browser: tests run in parallel threads of one process
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let profile = std::env::temp_dir().join(format!("gpumem-chromium-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&profile);
         std::fs::create_dir_all(&profile).unwrap();
         let (child_in, to) = pipe();
