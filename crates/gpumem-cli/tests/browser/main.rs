@@ -13,6 +13,7 @@ mod cdp;
 use cdp::{find_chromium, Browser};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -49,7 +50,11 @@ fn gpumem(args: &[String]) -> std::process::Output {
 fn chromium(test: &str) -> Option<String> {
     let c = find_chromium();
     if c.is_none() {
-        println!("SKIPPED {test}: no chromium here (apt-get install -y chromium, or set GPUMEM_CHROMIUM)");
+        // straight to stderr, which the test harness does not capture, so that the skip shows
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: no chromium here (apt-get install -y chromium, or set GPUMEM_CHROMIUM)"
+        );
     }
     c
 }
