@@ -25,6 +25,43 @@ pub(crate) enum Command {
     Info(InfoArgs),
     /// Cache-hit cost per policy, throughput across threads, and device-call costs on a GPU
     Bench(BenchArgs),
+    /// The blocks still live at the end of a trace (or at a point in it), by allocation site
+    Leaks(LeaksArgs),
+    /// One self-contained HTML report: memory over time under each policy, the peak's
+    /// segments and blocks, the sites that hold the most, memory_summary()
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct LeaksArgs {
+    /// A trace or a PyTorch snapshot pickle (with stacks, its sites are named by them)
+    pub trace: String,
+    /// Just after this event (numbered from 0 in the trace's allocator events, as the
+    /// report shows them) instead of at the end
+    #[arg(long, value_name = "EVENT", conflicts_with = "time")]
+    pub at: Option<u64>,
+    /// Just after this time, in microseconds from the trace's first event
+    #[arg(long, value_name = "T_US")]
+    pub time: Option<u64>,
+    /// One JSON object: the sites with count, bytes, frames and blocks
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct ReportArgs {
+    /// Trace files (as for replay)
+    #[arg(required = true)]
+    pub traces: Vec<String>,
+    /// Policy to compare, repeatable (as for replay). Default: all three
+    #[arg(long = "policy", short = 'p')]
+    pub policies: Vec<String>,
+    /// Capacity of the simulated device (default: an H100's)
+    #[arg(long)]
+    pub capacity: Option<String>,
+    /// The HTML file to write
+    #[arg(long, short = 'o', value_name = "FILE.html")]
+    pub output: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

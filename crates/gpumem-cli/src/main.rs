@@ -7,7 +7,9 @@ mod args;
 mod bench;
 mod demo;
 mod info;
+mod leaks;
 mod replay;
+mod report;
 mod units;
 
 use clap::Parser;
@@ -59,6 +61,8 @@ fn main() -> ExitCode {
         args::Command::Summary(a) => replay::run_summary(&a),
         args::Command::Info(a) => info::run(a.json),
         args::Command::Bench(a) => bench::run(&a),
+        args::Command::Leaks(a) => leaks::run(&a),
+        args::Command::Report(a) => report::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,7 @@ const PROGRESS_MIN_EVENTS: usize = 200_000;
 /// the options of `GPUMEM_ALLOC_CONF` where it is set, as a program run under it would
 /// have them. The command line's options come after the variable's, so they win; with the
 /// variable set and no `--policy`, the one policy it selects.
-fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
+pub(crate) fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
     let env = std::env::var(ENV_VAR).ok().filter(|s| !s.trim().is_empty());
     let Some(env) = env else {
         let names: Vec<String> = if names.is_empty() {
@@ -52,7 +52,7 @@ fn policies(names: &[String]) -> Result<Vec<Policy>, Failure> {
         .collect()
 }
 
-fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
+pub(crate) fn capacity(arg: &Option<String>) -> Result<u64, Failure> {
     let Some(s) = arg else {
         return Ok(H100_CAPACITY);
     };

@@ -35,6 +35,8 @@ pub use device::ReplayDevice;
 pub use error::{quote, Location, TraceError};
 pub use model::{Event, Format, Trace};
 pub use read::{detect, read_trace, read_trace_as, read_trace_bytes, MAX_LINE};
-pub use replay::{replay, replay_into, stats_differences, ReplayError, ReplayOptions, ReplayReport};
+pub use replay::{
+    replay, replay_into, replay_observed, stats_differences, ReplayError, ReplayOptions, ReplayReport, Step,
+};
 pub use schedule::{schedule, Op, Schedule, Skip};
 pub use write::{write_jsonl, write_snapshot};

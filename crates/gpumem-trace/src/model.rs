@@ -3,7 +3,7 @@
 //! it uses none of them).
 
 use crate::error::Location;
-use gpumem::{Action, StreamId};
+use gpumem::{Action, Frames, StreamId};
 use std::collections::BTreeMap;
 
 /// One allocator event of a trace.
@@ -52,9 +52,26 @@ pub struct Trace {
     pub events: Vec<Event>,
     /// The recorded run's own `memory_stats()`, where the file has them.
     pub stats: Option<BTreeMap<String, i64>>,
+    /// The call stack of each event (by its index in `events`), innermost first, where the
+    /// file has stacks (PyTorch snapshots recorded with them, and gpumem's own); empty where
+    /// it has none.
+    pub frames: Vec<Frames>,
+    /// The time of each event (by its index in `events`) in microseconds, as recorded; empty
+    /// where the file has no times.
+    pub times_us: Vec<u64>,
 }
 
 impl Trace {
+    /// The call stack of event `i`, if the trace has stacks.
+    pub fn frames_of(&self, i: usize) -> Option<&Frames> {
+        self.frames.get(i).filter(|f| !f.is_empty())
+    }
+
+    /// The time of event `i` in microseconds, if the trace has times.
+    pub fn time_of(&self, i: usize) -> Option<u64> {
+        self.times_us.get(i).copied()
+    }
+
     /// The file's base name.
     pub fn name(&self) -> String {
         std::path::Path::new(&self.path)

@@ -124,6 +124,22 @@ pub struct ReplayReport {
     pub peak_op: u64,
 }
 
+/// One op of a replay, as an observer sees it right after the allocator did it
+/// ([`replay_observed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// The op.
+    pub op: Op,
+    /// Allocations and frees done so far, this one included, as [`ReplayReport::ops`] counts
+    /// them (an `EmptyCache` shares the number of the op before it).
+    pub index: u64,
+    /// The address the allocation got, or the block freed; 0 where the allocation failed
+    /// (or was skipped) and for `Complete` and `EmptyCache`.
+    pub ptr: u64,
+    /// Live requested bytes after it.
+    pub live_requested: u64,
+}
+
 /// A replay that could not run or finish.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -184,6 +200,7 @@ fn run<D: ReplayDevice>(
     verify: bool,
     opts: &ReplayOptions,
     progress: &mut dyn FnMut(u64, u64),
+    observe: &mut dyn FnMut(&Step, &Allocator<D>),
 ) -> Result<ReplayReport, ReplayError> {
     let strict = opts.strict;
     let stop_after = opts.stop_after.unwrap_or(u64::MAX);
@@ -230,6 +247,7 @@ fn run<D: ReplayDevice>(
                 progress(done, total_ops);
             }
         }
+        let mut ptr = 0;
         match *op {
             Op::Alloc { id, size, stream, addr } => {
                 let i = id as usize;
@@ -241,10 +259,12 @@ fn run<D: ReplayDevice>(
                     }
                     skipped.push(s);
                     failed[i] = true;
+                    observe(&Step { op: *op, index: done, ptr, live_requested }, alloc);
                     continue;
                 }
                 match alloc.malloc(size, stream) {
                     Ok(p) => {
+                        ptr = p;
                         device.note_malloc(p, size, stream);
                         if checking {
                             write_stamps(device, id, p, size).map_err(AllocError::from)?;
@@ -268,6 +288,7 @@ fn run<D: ReplayDevice>(
             Op::Free { id } => {
                 let i = id as usize;
                 if !failed[i] {
+                    ptr = ptrs[i];
                     check(id, ptrs[i], sizes[i])?;
                     device.note_free(ptrs[i]);
                     alloc.free(ptrs[i])?;
@@ -278,6 +299,7 @@ fn run<D: ReplayDevice>(
             Op::FreeDeferred { id } => {
                 let i = id as usize;
                 if !failed[i] {
+                    ptr = ptrs[i];
                     check(id, ptrs[i], sizes[i])?;
                     released[i] = true;
                     device.note_record_stream(ptrs[i], device.side_stream(id));
@@ -300,6 +322,7 @@ fn run<D: ReplayDevice>(
                 empty_cache_calls += 1;
             }
         }
+        observe(&Step { op: *op, index: done, ptr, live_requested }, alloc);
     }
     let end = Instant::now();
     // the blocks still live at the end keep their stamps too (not those freed with a use on
@@ -401,6 +424,21 @@ pub fn replay_into<D: ReplayDevice + 'static>(
     opts: &ReplayOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(ReplayReport, Allocator<D>), ReplayError> {
+    replay_observed(trace, policy, device, opts, progress, &mut |_, _| {})
+}
+
+/// Replays `trace` like [`replay_into`], and calls `observe` after every op with the op and
+/// the allocator: what a timeline of the replay (the report's memory over time) or a look
+/// at its state at one op is made of. `observe` runs inside the timed replay, so keep it
+/// cheap, or ignore the timings.
+pub fn replay_observed<D: ReplayDevice + 'static>(
+    trace: &Trace,
+    policy: &Policy,
+    device: D,
+    opts: &ReplayOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    observe: &mut dyn FnMut(&Step, &Allocator<D>),
+) -> Result<(ReplayReport, Allocator<D>), ReplayError> {
     let schedule = schedule(trace);
     if opts.strict {
         if let Some(s) = schedule.skipped.first() {
@@ -415,6 +453,6 @@ pub fn replay_into<D: ReplayDevice + 'static>(
     if opts.record_history {
         alloc.record_history(true, usize::MAX);
     }
-    let report = run(trace, &schedule, policy, &device, &alloc, capacity, verify, opts, progress)?;
+    let report = run(trace, &schedule, policy, &device, &alloc, capacity, verify, opts, progress, observe)?;
     Ok((report, alloc))
 }

@@ -69,6 +69,10 @@ pub struct Schedule {
     pub skipped: Vec<Skip>,
     /// The number of allocations.
     pub allocs: u32,
+    /// The index in the trace's events of the event each op comes from, by op.
+    pub op_events: Vec<usize>,
+    /// The index in the trace's events of each allocation's `alloc`, by allocation id.
+    pub alloc_events: Vec<usize>,
 }
 
 /// Builds the schedule of `trace`: its operations, and the segments and skipped events
@@ -96,6 +100,8 @@ pub fn schedule(trace: &Trace) -> Schedule {
                     s.allocs += 1;
                     live.insert(e.addr, id);
                     s.ops.push(Op::Alloc { id, size: e.size, stream: e.stream, addr: e.addr });
+                    s.alloc_events.push(i);
+                    s.op_events.push(i);
                 }
             }
             Action::FreeRequested => {
@@ -107,18 +113,22 @@ pub fn schedule(trace: &Trace) -> Schedule {
                     Some(n) if n.action == Action::FreeCompleted && n.addr == e.addr => {
                         consumed[i + 1] = true;
                         s.ops.push(Op::Free { id });
+                        s.op_events.push(i);
                     }
                     _ => {
                         pending.insert(e.addr, id);
                         s.ops.push(Op::FreeDeferred { id });
+                        s.op_events.push(i);
                     }
                 }
             }
             Action::FreeCompleted => {
                 if let Some(id) = pending.remove(&e.addr) {
                     s.ops.push(Op::Complete { id });
+                    s.op_events.push(i);
                 } else if let Some(id) = live.remove(&e.addr) {
                     s.ops.push(Op::Free { id });
+                    s.op_events.push(i);
                 } else {
                     skip("free of an unknown address");
                 }
@@ -134,6 +144,7 @@ pub fn schedule(trace: &Trace) -> Schedule {
                 });
                 if !by_allocator {
                     s.ops.push(Op::EmptyCache);
+                    s.op_events.push(i);
                 }
             }
             Action::SegmentMap | Action::Snapshot | Action::Oom => {}

@@ -6,7 +6,8 @@ use crate::error::AllocError;
 use crate::packed::Packed;
 use crate::policy::PolicyEngine;
 use crate::report::history::{no_frames, Frames, StackSource, TraceEntry};
-use crate::report::snapshot::{recount, SegmentInfo};
+use crate::report::leaks::{LeakReport, LiveBlock};
+use crate::report::snapshot::{recount, BlockState, SegmentInfo};
 use crate::report::stats::{DeviceStats, MemoryStats};
 use crate::report::summary;
 use crate::torch::Engine;
@@ -163,8 +164,14 @@ impl<D: Device> Allocator<D> {
         let stack = self.stack();
         let mut call = self.checked()?;
         call.history().context = stack;
-        let r = call.malloc(size, stream);
+        let mut r = call.malloc(size, stream);
         call.history().context = no_frames();
+        if let Err(AllocError::OutOfMemory(oom)) = &mut r {
+            // with history on, name the sites that hold the most
+            if self.history_on.load(Ordering::Relaxed) {
+                oom.sites = live_blocks(&mut call, |_| true).top(3).to_vec();
+            }
+        }
         r
     }
 
@@ -277,12 +284,65 @@ impl<D: Device> Allocator<D> {
         let live = &e.history().live;
         if !live.is_empty() {
             for b in segments.iter_mut().flat_map(|s| s.blocks.iter_mut()) {
-                if let Some(f) = live.get(&b.address) {
-                    b.frames = f.clone();
+                if let Some(l) = live.get(&b.address) {
+                    b.frames = l.frames.clone();
                 }
             }
         }
         segments
+    }
+
+    /// The blocks live now, grouped by the call stack that allocated them (their allocation
+    /// site), with count and requested bytes, the site that holds the most first. Stacks come
+    /// from the history: record it ([`Allocator::record_history`]) with a stack source
+    /// ([`Allocator::set_stack_source`], [`crate::rust_backtrace_source`]); blocks allocated
+    /// while it was off are listed under a site with no frames.
+    ///
+    /// ```
+    /// use gpumem::{Allocator, AllocatorConfig, Frame, SimDevice, StreamId};
+    /// use std::sync::Arc;
+    /// let a = Allocator::new(SimDevice::default(), AllocatorConfig::default())?;
+    /// a.record_history(true, 1000);
+    /// a.set_stack_source(Some(Arc::new(|| {
+    ///     Arc::from(vec![Frame { filename: "train.py".into(), line: 7, name: "step".into() }])
+    /// })));
+    /// let kept: Vec<u64> = (0..3).map(|_| a.malloc(1 << 20, StreamId::DEFAULT)).collect::<Result<_, _>>()?;
+    /// let leaks = a.leaks();
+    /// assert_eq!((leaks.sites.len(), leaks.sites[0].count, leaks.sites[0].bytes), (1, 3, 3 << 20));
+    /// assert_eq!(leaks.sites[0].location(), "train.py:7 in step");
+    /// # Ok::<(), gpumem::AllocError>(())
+    /// ```
+    pub fn leaks(&self) -> LeakReport {
+        live_blocks(&mut self.lock(), |_| true)
+    }
+
+    /// A mark of the allocation order: the blocks allocated after it are those that
+    /// [`Allocator::leaks_since`] reports. Marks only grow, whatever the history's ring
+    /// drops and across [`Allocator::record_history`] being turned off and on.
+    pub fn allocation_mark(&self) -> u64 {
+        self.lock().history().next_seq
+    }
+
+    /// Like [`Allocator::leaks`], but only the blocks allocated after `mark` (from
+    /// [`Allocator::allocation_mark`]) while history was recorded, and still live: what a
+    /// piece of code allocated and kept.
+    ///
+    /// ```
+    /// use gpumem::{Allocator, AllocatorConfig, SimDevice, StreamId};
+    /// let a = Allocator::new(SimDevice::default(), AllocatorConfig::default())?;
+    /// a.record_history(true, 1000);
+    /// let before = a.malloc(4096, StreamId::DEFAULT)?;
+    /// let mark = a.allocation_mark();
+    /// let kept = a.malloc(1 << 20, StreamId::DEFAULT)?;
+    /// let temp = a.malloc(1 << 20, StreamId::DEFAULT)?;
+    /// a.free(temp)?;
+    /// let inside = a.leaks_since(mark);
+    /// assert_eq!((inside.count, inside.bytes), (1, 1 << 20));
+    /// assert_eq!(inside.sites[0].blocks[0].address, kept);
+    /// # Ok::<(), gpumem::AllocError>(())
+    /// ```
+    pub fn leaks_since(&self, mark: u64) -> LeakReport {
+        live_blocks(&mut self.lock(), |seq| seq.is_some_and(|s| s >= mark))
     }
 
     /// Checks every per-pool counter against a recount of the snapshot (PyTorch's
@@ -356,6 +416,26 @@ impl<D: Device> Allocator<D> {
     pub fn with_device<R>(&self, f: impl FnOnce(&D) -> R) -> R {
         f(self.lock().device())
     }
+}
+
+/// The live blocks of the snapshot, with the stacks and sequence numbers the history keeps,
+/// those whose sequence number passes `keep`, by site.
+fn live_blocks<D: Device>(core: &mut Core<D>, keep: impl Fn(Option<u64>) -> bool) -> LeakReport {
+    let segments = core.snapshot();
+    let live = &core.history().live;
+    let blocks = segments.iter().flat_map(|s| {
+        s.blocks.iter().filter(|b| b.state == BlockState::ActiveAllocated).map(|b| {
+            let info = live.get(&b.address);
+            LiveBlock {
+                address: b.address,
+                size: b.requested_size,
+                stream: s.stream,
+                seq: info.map(|l| l.seq),
+                frames: info.map_or_else(no_frames, |l| l.frames.clone()),
+            }
+        })
+    });
+    LeakReport::from_blocks(blocks.filter(|b| keep(b.seq)))
 }
 
 #[cfg(test)]

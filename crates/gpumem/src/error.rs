@@ -3,6 +3,7 @@
 use crate::common::format_size;
 use crate::config::ConfigError;
 use crate::device::DeviceError;
+use crate::report::leaks::LeakSite;
 use std::fmt;
 
 /// An allocation the device could not satisfy even after every cached block was freed.
@@ -34,6 +35,9 @@ pub struct OutOfMemory {
     pub non_releasable: u64,
     /// What to try.
     pub hint: String,
+    /// With history recorded, the (at most three) allocation sites that hold the most live
+    /// memory, largest first ([`crate::Allocator::leaks`]); empty otherwise.
+    pub sites: Vec<LeakSite>,
 }
 
 /// The hint for an out-of-memory error whose cause is not the cache: an allocation of
@@ -85,7 +89,19 @@ impl fmt::Display for OutOfMemory {
             format_size(self.largest_free_block),
             format_size(self.non_releasable),
             self.hint
-        )
+        )?;
+        if !self.sites.is_empty() {
+            let sites: Vec<String> = self
+                .sites
+                .iter()
+                .map(|s| {
+                    let n = if s.count == 1 { "block" } else { "blocks" };
+                    format!("{} in {} {n} from {}", format_size(s.bytes), s.count, s.location())
+                })
+                .collect();
+            write!(f, " Held the most by: {}.", sites.join("; "))?;
+        }
+        Ok(())
     }
 }
 

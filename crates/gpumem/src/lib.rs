@@ -44,7 +44,9 @@ pub use global::{
     reset_peak_memory_stats, set_per_process_memory_fraction, CudaAllocator,
 };
 pub use half::{bf16, f16};
+pub use report::backtrace::rust_backtrace_source;
 pub use report::history::{Action, Frame, Frames, StackSource, TraceEntry};
+pub use report::leaks::{show_frame, site_frames, LeakReport, LeakSite, LiveBlock};
 pub use report::snapshot::{recount, BlockInfo, BlockState, SegmentInfo};
 pub use report::stats::{DeviceStats, MemoryStats, PoolKind, Stat, StatArray};
 pub use report::summary::memory_summary as format_memory_summary;

@@ -15,7 +15,6 @@ struct Line {
     p: Option<serde_json::Value>,
     s: Option<serde_json::Value>,
     t: Option<serde_json::Value>,
-    #[allow(dead_code)]
     us: Option<serde_json::Value>,
     stats: Option<BTreeMap<String, serde_json::Value>>,
     #[allow(dead_code)]
@@ -50,6 +49,7 @@ pub(super) fn parse<R: BufRead>(path: &str, src: Limited<'_, R>) -> Result<Trace
     let mut src = BufReader::new(src);
     let mut trace = Trace { path: path.to_string(), ..Default::default() };
     let (mut buf, mut offset) = (Vec::new(), 0u64);
+    let mut all_times = true;
     for n in first + 1.. {
         Limited::<R>::allow(&allowance, n, offset);
         buf.clear();
@@ -87,6 +87,14 @@ pub(super) fn parse<R: BufRead>(path: &str, src: Limited<'_, R>) -> Result<Trace
             Some(_) => unsigned(&l.t, "t").map_err(bad)?,
         };
         trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Line(n) });
+        // times are optional: kept where every event has one
+        match l.us.as_ref().and_then(|v| v.as_u64()) {
+            Some(t) if all_times => trace.times_us.push(t),
+            _ => all_times = false,
+        }
+    }
+    if !all_times {
+        trace.times_us.clear();
     }
     Ok(trace)
 }

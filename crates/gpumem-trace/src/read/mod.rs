@@ -13,6 +13,7 @@
 
 mod jsonl;
 mod pickle;
+mod pickle_frames;
 mod pickle_scan;
 mod rmm;
 

@@ -1,12 +1,13 @@
 //! PyTorch snapshot pickles (`torch.cuda.memory._dump_snapshot()`): their `device_traces`.
 //!
 //! Snapshots share Python objects heavily (frames, interned strings), which `serde-pickle`
-//! reports as "recursive structure found" unless told to replace such structures; the
-//! frames are not needed here, so replacing them is harmless. Entries are read into typed
+//! reports as "recursive structure found" unless told to replace such structures, and then
+//! reads the shared values as `None`: the events read right, their frames do not, so the
+//! frames come from `pickle_frames`, which shares them as the pickle does. Entries are read into typed
 //! structs whose fields are all optional, then checked one by one, so that a missing field is
 //! an error naming the entry rather than a silent zero.
 
-use super::{io_error, pickle_scan};
+use super::{io_error, pickle_frames, pickle_scan};
 use crate::error::{Location, TraceError};
 use crate::model::{Event, Trace};
 use gpumem::{Action, StreamId};
@@ -26,6 +27,7 @@ struct Entry {
     device_free: Option<i64>,
     size: Option<i64>,
     stream: Option<i64>,
+    time_us: Option<i64>,
 }
 
 /// The largest (decompressed) pickle read. Snapshots of long runs reach a few hundred MB.
@@ -74,6 +76,7 @@ pub(super) fn parse<R: BufRead>(path: &str, src: R) -> Result<Trace, TraceError>
     // One list per device; replay the first that has events.
     let entries = traces.into_iter().find(|t| !t.is_empty()).unwrap_or_default();
     let mut trace = Trace { path: path.to_string(), ..Default::default() };
+    let mut all_times = true;
     for (i, e) in entries.into_iter().enumerate() {
         let bad = |m: String| TraceError::new(path, Location::Entry(i), m);
         let name = e.action.ok_or_else(|| bad("missing \"action\"".into()))?;
@@ -90,6 +93,18 @@ pub(super) fn parse<R: BufRead>(path: &str, src: R) -> Result<Trace, TraceError>
         let size = field(e.size, "size")?;
         let stream = field(e.stream, "stream")?;
         trace.events.push(Event { action, addr, size, stream: StreamId(stream), origin: Location::Entry(i) });
+        match e.time_us.and_then(|t| u64::try_from(t).ok()) {
+            Some(t) if all_times => trace.times_us.push(t),
+            _ => all_times = false,
+        }
+    }
+    if let Some(frames) = pickle_frames::entry_frames(data, |a| Action::from_name(a).is_some()) {
+        if frames.len() == trace.events.len() {
+            trace.frames = frames;
+        }
+    }
+    if !all_times {
+        trace.times_us.clear();
     }
     Ok(trace)
 }

@@ -621,6 +621,7 @@ impl<D: Device> Packed<D> {
             largest_free_block,
             non_releasable,
             hint,
+            sites: Vec::new(),
         }))
     }
 }

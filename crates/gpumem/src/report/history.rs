@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 /// One frame of the call stack that made an allocation: a Python line, a C++ or a Rust
 /// function, as PyTorch's snapshots name them.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frame {
     /// The source file.
     pub filename: String,
@@ -123,7 +123,18 @@ pub(crate) struct History {
     /// The stack that made each live block, while history is on: what a snapshot shows for
     /// the block, and what a leak report groups by. Kept apart from the ring of entries so
     /// that a long-lived block keeps its stack after its `alloc` entry has left the ring.
-    pub live: PtrMap<Frames>,
+    pub live: PtrMap<Live>,
+    /// The sequence number the next recorded allocation gets: it only grows (also across
+    /// [`History::clear`]), so a mark taken from it stays meaningful whatever the ring drops.
+    pub next_seq: u64,
+}
+
+/// What the history keeps of a live block.
+pub(crate) struct Live {
+    /// The stack that allocated it.
+    pub frames: Frames,
+    /// Its allocation sequence number ([`History::next_seq`] when it was allocated).
+    pub seq: u64,
 }
 
 impl Default for History {
@@ -135,6 +146,7 @@ impl Default for History {
             tag: String::new(),
             context: no_frames(),
             live: PtrMap::default(),
+            next_seq: 0,
         }
     }
 }
@@ -154,7 +166,9 @@ impl History {
             .unwrap_or(0);
         match action {
             Action::Alloc => {
-                self.live.insert(addr, self.context.clone());
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.live.insert(addr, Live { frames: self.context.clone(), seq });
             }
             Action::FreeRequested => {
                 self.live.remove(&addr);

@@ -413,6 +413,7 @@ impl<D: Device> Engine<D> {
             largest_free_block,
             non_releasable,
             hint,
+            sites: Vec::new(),
         }))
     }
 }
