@@ -3,6 +3,7 @@
 use crate::convert::{snapshot_dict, stats_dict, DeviceSnapshot};
 use crate::device::AnyDevice;
 use crate::errors::to_py;
+use crate::leaks::PyLeakReport;
 use gpumem::{AllocError, CudaDevice, Policy, SimDevice, StreamId, H100_CAPACITY, MAX_SIM_CAPACITY};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -183,6 +184,22 @@ impl PyAllocator {
         self.inner.set_stack_source(
             (enabled && stacks).then(|| Arc::new(crate::stacks::python_stack) as gpumem::StackSource),
         );
+    }
+
+    /// The blocks live now, grouped by the stack that allocated them (recorded while
+    /// history is on; blocks allocated without it share one site with no frames).
+    fn leaks(&self, py: Python<'_>) -> PyLeakReport {
+        PyLeakReport { inner: py.detach(|| self.inner.leaks()) }
+    }
+
+    /// A mark in the order of allocations, for `leaks_since`.
+    fn allocation_mark(&self) -> u64 {
+        self.inner.allocation_mark()
+    }
+
+    /// The blocks allocated at or after `mark` (while history was on) that are live now.
+    fn leaks_since(&self, py: Python<'_>, mark: u64) -> PyLeakReport {
+        PyLeakReport { inner: py.detach(|| self.inner.leaks_since(mark)) }
     }
 
     /// Free and total device memory, as the driver reports it.

@@ -9,6 +9,7 @@ mod allocator;
 mod convert;
 mod device;
 mod errors;
+mod leaks;
 mod plugin;
 mod replay;
 mod stacks;
@@ -65,6 +66,12 @@ fn _plugin_record_history(enabled: bool, max_entries: usize, stacks: bool) -> Py
     Ok(())
 }
 
+/// Whether history is being recorded on the plugin's allocators, and with stacks.
+#[pyfunction]
+fn _plugin_history() -> Option<(usize, bool)> {
+    plugin::history()
+}
+
 /// PyTorch's snapshot dict over every device of the plugin.
 #[pyfunction]
 fn _plugin_snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -102,6 +109,7 @@ fn _gpumem(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyAllocator>()?;
+    m.add_class::<leaks::PyLeakReport>()?;
     m.add("GpumemError", py.get_type::<errors::GpumemError>())?;
     m.add("OutOfMemoryError", py.get_type::<errors::OutOfMemoryError>())?;
     m.add("POLICIES", gpumem::Policy::NAMES.to_vec())?;
@@ -114,6 +122,7 @@ fn _gpumem(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_plugin_device_kind, m)?)?;
     m.add_function(wrap_pyfunction!(_plugin_record_history, m)?)?;
     m.add_function(wrap_pyfunction!(_plugin_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(_plugin_history, m)?)?;
     m.add_function(wrap_pyfunction!(_empty_stats, m)?)?;
     m.add_function(wrap_pyfunction!(_empty_summary, m)?)?;
     m.add_function(wrap_pyfunction!(_forked, m)?)?;

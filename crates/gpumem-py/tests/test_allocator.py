@@ -190,3 +190,24 @@ def test_replay_of_a_missing_or_bad_file_is_a_clear_error(tmp_path):
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl"):
         gpumem.replay(bad)
+
+
+def test_leaks_group_live_blocks_by_the_line_that_allocated_them():
+    a = gpumem.Allocator(device="sim")
+    a.record_history(True, 1000)
+    before = a.malloc(MIB)
+    mark = a.allocation_mark()
+    kept = [a.malloc(2 * MIB) for _ in range(3)]  # the leak
+    gone = a.malloc(5 * MIB)
+    a.free(gone)
+    report = a.leaks_since(mark)
+    assert (report.count, report.bytes) == (3, 6 * MIB)
+    site = report.sites[0]
+    assert site["count"] == 3 and site["bytes"] == 6 * MIB
+    assert "test_allocator.py" in site["location"], site["location"]
+    assert "test_leaks_group_live_blocks" in str(report)
+    everything = a.leaks()
+    assert everything.count == 4 and len(everything) == 4
+    for p in kept + [before]:
+        a.free(p)
+    assert a.leaks().count == 0

@@ -322,3 +322,27 @@ def test_python_m_gpumem_demo_runs_the_walk_through_inside_pytorch():
     assert "400.00 MB = 381.47 MiB" in out, out
     assert "memory_reserved()  = 0.00 MB" in out, out
     assert "back where it began" in out and "NOT back" not in out, out
+
+
+def test_track_finds_a_tensor_kept_alive_in_a_list_with_the_line_that_made_it():
+    p = run(
+        """
+        def double(x):
+            return x * 2        # the line that allocates what is kept
+        kept = []
+        with gt.track() as t:
+            for i in range(4):
+                x = torch.randn(1 << 20, device=dev)
+                y = double(x)
+                if i == 2:
+                    kept.append(y)   # the leak: one tensor outlives the block
+            del x, y
+        print(t)
+        assert t.count == 1 and t.bytes == 4 * MIB, (t.count, t.bytes)
+        site = t.sites[0]
+        assert site["frames"][0]["name"] == "double", site
+        assert site["location"].startswith("<string>:") and "double" in site["location"], site
+        assert gt.leaks().count >= 1
+        """
+    )
+    assert "double" in p.stdout, p.stdout

@@ -26,6 +26,7 @@ from gpumem._gpumem import (
     POLICIES,
     Allocator,
     GpumemError,
+    LeakReport,
     OutOfMemoryError,
     __version__,
     driver_present,
@@ -35,6 +36,7 @@ from gpumem import _gpumem
 __all__ = [
     "Allocator",
     "GpumemError",
+    "LeakReport",
     "OutOfMemoryError",
     "POLICIES",
     "__version__",

@@ -26,8 +26,9 @@ sending CUDA tensors to other processes (CUDA IPC).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -42,6 +43,9 @@ __all__ = [
     "memory_stats",
     "snapshot",
     "record_history",
+    "leaks",
+    "track",
+    "Tracked",
 ]
 
 _MALLOC = "gpumem_torch_malloc"
@@ -176,3 +180,70 @@ def _device_index(device: Any) -> int:
     if isinstance(device, int):
         return device
     return torch.device(device).index or 0
+
+
+def leaks(device: int | None = None) -> _gpumem.LeakReport | None:
+    """What is live now on ``device``, grouped by the Python line that allocated it, largest
+    first; ``print()`` it for the table. Sites need history with stacks
+    (:func:`record_history`, or ``torch.cuda.memory._record_memory_history()``); blocks
+    allocated without it share one site with no frames. None before the first allocation."""
+    a = allocator(device)
+    return a.leaks() if a is not None else None
+
+
+class Tracked:
+    """What a :func:`track` block allocated and still holds at its end, by allocation
+    site. ``print(t)`` gives the table; ``t.count``, ``t.bytes`` and ``t.sites`` the data."""
+
+    def __init__(self) -> None:
+        self.report: _gpumem.LeakReport | None = None
+
+    @property
+    def count(self) -> int:
+        return self.report.count if self.report is not None else 0
+
+    @property
+    def bytes(self) -> int:
+        return self.report.bytes if self.report is not None else 0
+
+    @property
+    def sites(self) -> list[dict]:
+        return self.report.sites if self.report is not None else []
+
+    def __str__(self) -> str:
+        if self.report is None:
+            return "gpumem.torch.track(): still tracking (the report comes at the end of the with block)"
+        if self.report.count == 0:
+            return "gpumem.torch.track(): nothing allocated inside the block is still live"
+        return str(self.report)
+
+    def __repr__(self) -> str:
+        return f"<gpumem.torch.Tracked: {self.count} live block(s), {self.bytes} bytes>"
+
+
+@contextlib.contextmanager
+def track(device: int | None = None) -> Iterator[Tracked]:
+    """Reports what the ``with`` block allocated on ``device`` and still holds at its end,
+    by the Python line that allocated it::
+
+        with gpumem.torch.track() as t:
+            loss = step(model, batch)
+        print(t)          # the blocks still live, by site, largest first
+
+    History is recorded with stacks inside the block if it was not on already (and turned
+    off again after). Needs :func:`enable`.
+    """
+    if not is_enabled():
+        raise RuntimeError("gpumem.torch.track() needs gpumem as PyTorch's allocator: call gpumem.torch.enable() first")
+    a = _gpumem._plugin_allocator_for(_device_index(device))
+    started = _gpumem._plugin_history() is None
+    if started:
+        record_history(True)
+    t = Tracked()
+    mark = a.allocation_mark()
+    try:
+        yield t
+    finally:
+        t.report = a.leaks_since(mark)
+        if started:
+            record_history(False)

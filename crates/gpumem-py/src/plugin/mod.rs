@@ -124,6 +124,11 @@ pub(crate) fn record_history(setting: Option<(usize, bool)>) {
     }
 }
 
+/// The history setting of every allocator: `(max_entries, stacks)`, or `None` when off.
+pub(crate) fn history() -> Option<(usize, bool)> {
+    SETTINGS.lock().history
+}
+
 /// Whether `a` serves a real GPU.
 pub(crate) fn is_cuda(a: &Inner) -> bool {
     a.with_device(|d| matches!(d, AnyDevice::Cuda(_)))
