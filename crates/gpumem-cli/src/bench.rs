@@ -50,28 +50,73 @@ fn busy_hit_ns<D: Device>(a: &Allocator<D>, size: u64) -> Result<f64, Failure> {
     Ok(v)
 }
 
-/// Million alloc+free pairs per second with `threads` threads, each on its own stream.
+/// Alloc+free pairs per thread in `throughput`, as PyTorch's `threads_pairs_per_s` is called
+/// (`../shared/bench/torch_alloc_bench.py`).
+const THREAD_PAIRS: usize = 200_000;
+
+/// Million alloc+free pairs per second in total, with thread `i` on `streams[i]`; the sizes
+/// are PyTorch's in `threads_pairs_per_s`: 64 KiB times the thread's number plus one.
 fn throughput<D: Device + 'static>(a: &Arc<Allocator<D>>, streams: &[StreamId]) -> Result<f64, Failure> {
-    let n = 100_000;
     let threads = streams.len();
-    let t = Instant::now();
+    // every thread's first pair grows the cache: not part of the measure
+    for (i, &stream) in streams.iter().enumerate() {
+        let p = a.malloc((i as u64 + 1) << 16, stream).map_err(Failure::work)?;
+        a.free(p).map_err(Failure::work)?;
+    }
+    let start = Arc::new(std::sync::Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|i| {
-            let a = a.clone();
+            let (a, start) = (a.clone(), start.clone());
             let stream = streams[i];
             std::thread::spawn(move || {
-                let size = 4096 * (i as u64 + 1);
-                for _ in 0..n {
+                let size = (i as u64 + 1) << 16;
+                start.wait();
+                for _ in 0..THREAD_PAIRS {
                     let p = a.malloc(size, stream).expect("cache hit");
                     a.free(p).expect("own pointer");
                 }
             })
         })
         .collect();
+    start.wait();
+    let t = Instant::now();
     for h in handles {
         h.join().map_err(|_| Failure::Work("a bench thread panicked".into()))?;
     }
-    Ok((threads * n) as f64 / t.elapsed().as_secs_f64() / 1e6)
+    Ok((threads * THREAD_PAIRS) as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+/// The thread benches: 1, 2, 4, ... threads each on its own stream (`threads_N`), and the
+/// same counts all on one stream (`threads_N_one_stream`), with each figure's ratio to one
+/// thread's (`scaling_*`, what issue 20 asks of 8 threads: at least 4x on own streams, at
+/// least 1x on one stream).
+fn thread_benches<D: Device + 'static>(
+    a: &Arc<Allocator<D>>,
+    name: &str,
+    device: &'static str,
+    streams: &[StreamId],
+    rows: &mut Vec<Row>,
+) -> Result<(), Failure> {
+    let row = |bench: String, value: f64, unit: &'static str| Row {
+        bench,
+        policy: name.to_string(),
+        device,
+        value,
+        unit,
+    };
+    let one = throughput(a, &streams[..1])?;
+    rows.push(row("threads_1".into(), one, "M pairs/s"));
+    let mut t = 2;
+    while t <= streams.len() {
+        let own = throughput(a, &streams[..t])?;
+        let shared = throughput(a, &vec![streams[0]; t])?;
+        rows.push(row(format!("threads_{t}"), own, "M pairs/s"));
+        rows.push(row(format!("threads_{t}_one_stream"), shared, "M pairs/s"));
+        rows.push(row(format!("scaling_{t}_streams"), own / one, "x"));
+        rows.push(row(format!("scaling_{t}_one_stream"), shared / one, "x"));
+        t *= 2;
+    }
+    Ok(())
 }
 
 /// `streams[i]` is the stream of thread `i`: real streams on a GPU, where unmapping
@@ -80,10 +125,11 @@ fn allocator_benches<D: Device + 'static>(
     make: &dyn Fn() -> Result<D, Failure>,
     device: &'static str,
     streams: &[StreamId],
+    policies: &[String],
     rows: &mut Vec<Row>,
 ) -> Result<(), Failure> {
-    for name in Policy::NAMES {
-        let policy = Policy::parse(name).map_err(Failure::work)?;
+    for name in policies {
+        let policy = Policy::parse(name).map_err(Failure::input)?;
         let a = Arc::new(Allocator::with_policy(make()?, &policy).map_err(Failure::work)?);
         for (label, size) in [("512B", 512u64), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] {
             let v = hit_ns(&a, size, StreamId::DEFAULT)?;
@@ -102,18 +148,7 @@ fn allocator_benches<D: Device + 'static>(
             value: busy_hit_ns(&a, 1 << 20)?,
             unit: "ns/pair",
         });
-        let mut t = 1;
-        while t <= streams.len() {
-            let v = throughput(&a, &streams[..t])?;
-            rows.push(Row {
-                bench: format!("threads_{t}"),
-                policy: name.to_string(),
-                device,
-                value: v,
-                unit: "M pairs/s",
-            });
-            t *= 2;
-        }
+        thread_benches(&a, name, device, streams, rows)?;
         a.empty_cache().map_err(Failure::work)?;
     }
     Ok(())
@@ -217,6 +252,14 @@ fn device_benches(d: &CudaDevice, rows: &mut Vec<Row>) -> Result<(), Failure> {
 
 pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
     let mut rows = Vec::new();
+    let policies: Vec<String> = if a.policies.is_empty() {
+        Policy::NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        for p in &a.policies {
+            Policy::parse(p).map_err(Failure::input)?;
+        }
+        a.policies.clone()
+    };
     let use_cuda = match a.device {
         DeviceChoice::Sim => false,
         DeviceChoice::Cuda => true,
@@ -238,12 +281,14 @@ pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
         let streams: Vec<StreamId> =
             owned.iter().map(|s| dev.stream_id(s)).collect::<Result<_, _>>().map_err(Failure::work)?;
         let make = || Ok(dev.clone());
-        allocator_benches(&make, "cuda", &streams, &mut rows)?;
-        device_benches(&dev, &mut rows)?;
+        allocator_benches(&make, "cuda", &streams, &policies, &mut rows)?;
+        if !a.no_device_calls {
+            device_benches(&dev, &mut rows)?;
+        }
     } else {
         let streams: Vec<StreamId> = (0..a.threads as u64).map(|i| StreamId(0x1000 + i)).collect();
         let make = || Ok(SimDevice::default());
-        allocator_benches(&make, "sim", &streams, &mut rows)?;
+        allocator_benches(&make, "sim", &streams, &policies, &mut rows)?;
     }
     for r in &rows {
         if a.json {

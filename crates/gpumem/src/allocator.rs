@@ -160,7 +160,9 @@ impl<D: Device> Allocator<D> {
         if size == 0 {
             return Ok(0);
         }
-        let stack = self.stack();
+        let Some(stack) = self.stack() else {
+            return self.checked()?.malloc(size, stream);
+        };
         let mut call = self.checked()?;
         call.history().context = stack;
         let r = call.malloc(size, stream);
@@ -168,14 +170,16 @@ impl<D: Device> Allocator<D> {
         r
     }
 
-    /// The caller's stack from the stack source, if one is set: taken before the lock, since
-    /// the source may run code that frees memory (Note on [`StackSource`]).
-    fn stack(&self) -> Frames {
+    /// The caller's stack from the stack source, if one is set and history is on (`None`
+    /// otherwise): taken before the lock, since the source may run code that frees memory
+    /// (Note on [`StackSource`]). Without one, a call leaves the history's (empty) context
+    /// alone: an empty `Arc<[Frame]>` is a heap allocation, and a cache hit makes none.
+    fn stack(&self) -> Option<Frames> {
         if !self.stacks_on.load(Ordering::Relaxed) {
-            return no_frames();
+            return None;
         }
         let source = self.stack_source.lock().clone();
-        source.map_or_else(no_frames, |f| f())
+        Some(source.map_or_else(no_frames, |f| f()))
     }
 
     /// Frees the block at `ptr`. Freeing 0 does nothing. A pointer this allocator did not
@@ -184,7 +188,9 @@ impl<D: Device> Allocator<D> {
         if ptr == 0 {
             return Ok(());
         }
-        let stack = self.stack();
+        let Some(stack) = self.stack() else {
+            return self.checked()?.free(ptr);
+        };
         let mut call = self.checked()?;
         call.history().context = stack;
         let r = call.free(ptr);
