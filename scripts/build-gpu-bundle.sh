@@ -17,5 +17,5 @@ cp "$exe" .gpu/gpu-tests
 cp testdata/*.jsonl.gz testdata/snapshot_sample.pickle .gpu/traces/
 if [ -d ../shared/bench ]; then cp ../shared/bench/*.py .gpu/bench/; fi
 strip --strip-debug .gpu/gpumem .gpu/gpu-tests
-cp scripts/gpu-test.sh scripts/gpu-bench.sh scripts/gpu-ab.sh scripts/record_traces.py scripts/record_long.py .gpu/
+cp scripts/gpu-test.sh scripts/gpu-bench.sh scripts/gpu-perf.sh scripts/gpu-ab.sh scripts/record_traces.py scripts/record_long.py .gpu/
 echo "bundle in .gpu/: $(du -sh .gpu | cut -f1)"

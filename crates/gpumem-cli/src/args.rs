@@ -133,6 +133,9 @@ pub(crate) struct BenchArgs {
     /// Only the allocator's figures: skip the timing of the driver's own calls on a GPU
     #[arg(long)]
     pub no_device_calls: bool,
+    /// Only issue 20's figures: the busy 1 MiB hit pair, and one thread against all of them
+    #[arg(long)]
+    pub quick: bool,
     /// One JSON object per line
     #[arg(long)]
     pub json: bool,

@@ -95,6 +95,7 @@ fn thread_benches<D: Device + 'static>(
     name: &str,
     device: &'static str,
     streams: &[StreamId],
+    quick: bool,
     rows: &mut Vec<Row>,
 ) -> Result<(), Failure> {
     let row = |bench: String, value: f64, unit: &'static str| Row {
@@ -106,8 +107,8 @@ fn thread_benches<D: Device + 'static>(
     };
     let one = throughput(a, &streams[..1])?;
     rows.push(row("threads_1".into(), one, "M pairs/s"));
-    let mut t = 2;
-    while t <= streams.len() {
+    let mut t = if quick { streams.len() } else { 2 };
+    while t <= streams.len() && t > 1 {
         let own = throughput(a, &streams[..t])?;
         let shared = throughput(a, &vec![streams[0]; t])?;
         rows.push(row(format!("threads_{t}"), own, "M pairs/s"));
@@ -119,19 +120,36 @@ fn thread_benches<D: Device + 'static>(
     Ok(())
 }
 
-/// `streams[i]` is the stream of thread `i`: real streams on a GPU, where unmapping
-/// synchronizes the streams that used the memory.
-fn allocator_benches<D: Device + 'static>(
-    make: &dyn Fn() -> Result<D, Failure>,
+/// How the allocator benches run: on which device, with which streams (`streams[i]` is the
+/// stream of thread `i`: real streams on a GPU, where unmapping synchronizes the streams
+/// that used the memory), and whether only issue 20's figures are wanted.
+struct Setup<'a, D> {
+    make: &'a dyn Fn() -> Result<D, Failure>,
     device: &'static str,
-    streams: &[StreamId],
-    policies: &[String],
-    rows: &mut Vec<Row>,
-) -> Result<(), Failure> {
+    streams: &'a [StreamId],
+    quick: bool,
+    json: bool,
+}
+
+/// The allocator benches of every policy; each policy's rows print as soon as they are
+/// measured, so that a run cut short by a time limit keeps what it measured.
+fn allocator_benches<D: Device + 'static>(s: &Setup<D>, policies: &[String]) -> Result<(), Failure> {
     for name in policies {
+        let mut rows = Vec::new();
+        policy_benches(s, name, &mut rows)?;
+        print_rows(&rows, s.json);
+    }
+    Ok(())
+}
+
+fn policy_benches<D: Device + 'static>(s: &Setup<D>, name: &str, rows: &mut Vec<Row>) -> Result<(), Failure> {
+    let (device, streams) = (s.device, s.streams);
+    {
         let policy = Policy::parse(name).map_err(Failure::input)?;
-        let a = Arc::new(Allocator::with_policy(make()?, &policy).map_err(Failure::work)?);
-        for (label, size) in [("512B", 512u64), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] {
+        let a = Arc::new(Allocator::with_policy((s.make)()?, &policy).map_err(Failure::work)?);
+        let sizes: &[(&str, u64)] =
+            if s.quick { &[] } else { &[("512B", 512), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] };
+        for &(label, size) in sizes {
             let v = hit_ns(&a, size, StreamId::DEFAULT)?;
             rows.push(Row {
                 bench: format!("hit_pair_{label}"),
@@ -148,10 +166,20 @@ fn allocator_benches<D: Device + 'static>(
             value: busy_hit_ns(&a, 1 << 20)?,
             unit: "ns/pair",
         });
-        thread_benches(&a, name, device, streams, rows)?;
+        thread_benches(&a, name, device, streams, s.quick, rows)?;
         a.empty_cache().map_err(Failure::work)?;
     }
     Ok(())
+}
+
+fn print_rows(rows: &[Row], json: bool) {
+    for r in rows {
+        if json {
+            println!("{}", serde_json::to_string(r).expect("rows serialize"));
+        } else {
+            println!("{:<28} {:<17} {:<5} {:>12.2} {}", r.bench, r.policy, r.device, r.value, r.unit);
+        }
+    }
 }
 
 /// µs per device call, averaged over `n`.
@@ -281,21 +309,17 @@ pub(crate) fn run(a: &BenchArgs) -> Result<(), Failure> {
         let streams: Vec<StreamId> =
             owned.iter().map(|s| dev.stream_id(s)).collect::<Result<_, _>>().map_err(Failure::work)?;
         let make = || Ok(dev.clone());
-        allocator_benches(&make, "cuda", &streams, &policies, &mut rows)?;
-        if !a.no_device_calls {
+        let setup = Setup { make: &make, device: "cuda", streams: &streams, quick: a.quick, json: a.json };
+        allocator_benches(&setup, &policies)?;
+        if !a.no_device_calls && !a.quick {
             device_benches(&dev, &mut rows)?;
         }
     } else {
         let streams: Vec<StreamId> = (0..a.threads as u64).map(|i| StreamId(0x1000 + i)).collect();
         let make = || Ok(SimDevice::default());
-        allocator_benches(&make, "sim", &streams, &policies, &mut rows)?;
+        let setup = Setup { make: &make, device: "sim", streams: &streams, quick: a.quick, json: a.json };
+        allocator_benches(&setup, &policies)?;
     }
-    for r in &rows {
-        if a.json {
-            println!("{}", serde_json::to_string(r).expect("rows serialize"));
-        } else {
-            println!("{:<28} {:<17} {:<5} {:>12.2} {}", r.bench, r.policy, r.device, r.value, r.unit);
-        }
-    }
+    print_rows(&rows, a.json);
     Ok(())
 }
