@@ -127,7 +127,7 @@ impl<D: Device> Engine<D> {
             pool.get_free_blocks_call_count += 1;
         }
         let mut it = pool.fitting(stream.0, size).peekable();
-        let mut key = it.next()?;
+        let mut key = *it.next()?;
         if blocks[key.3].expandable.is_some() {
             if expandable_on {
                 // Note [Best fit counts growable room]: a free block at the end of an
@@ -140,13 +140,13 @@ impl<D: Device> Engine<D> {
                 while blocks[key.3].expandable.is_some() {
                     match it.peek() {
                         Some(next) if expandable_size(next.3) < expandable_size(key.3) => {
-                            key = it.next().unwrap();
+                            key = *it.next().unwrap();
                         }
                         _ => break,
                     }
                 }
             } else {
-                key = it.find(|k| blocks[k.3].expandable.is_none())?;
+                key = *it.find(|k| blocks[k.3].expandable.is_none())?;
             }
         }
         drop(it);

@@ -8,73 +8,17 @@
 //!
 //! Unmapped address ranges of expandable segments are kept apart, by (stream, address).
 
-use crate::common::PtrMap;
 use crate::report::stats::PoolKind;
 use crate::torch::block::{Block, BlockId};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+use std::ops::Bound::{Included, Unbounded};
 
-/// A free block's place in best-fit order: (stream, size, address, id).
 pub(crate) type SizeKey = (u64, u64, u64, BlockId);
-
-/// Free mapped blocks in PyTorch's best-fit order.
-///
-/// Note [One tree per stream]
-/// --------------------------
-/// A search never crosses streams, so each stream has its own tree, keyed by size and
-/// address packed in one `u128` (a single comparison instead of a four-field tuple's): the
-/// same order as PyTorch's (stream, size, address), since free blocks of a pool never share
-/// an address. The stream's tree is found by a hash lookup. Walks of the whole pool (release,
-/// garbage collection) visit the streams in order, so they see PyTorch's order too.
-#[derive(Default)]
-pub(crate) struct FreeBlocks {
-    by_stream: PtrMap<BTreeMap<u128, BlockId>>,
-}
-
-fn packed(size: u64, ptr: u64) -> u128 {
-    (size as u128) << 64 | ptr as u128
-}
-
-fn unpack(stream: u64, k: u128, id: BlockId) -> SizeKey {
-    (stream, (k >> 64) as u64, k as u64, id)
-}
-
-impl FreeBlocks {
-    pub(crate) fn insert(&mut self, k: SizeKey) -> bool {
-        self.by_stream.entry(k.0).or_default().insert(packed(k.1, k.2), k.3).is_none()
-    }
-
-    pub(crate) fn remove(&mut self, k: &SizeKey) -> bool {
-        self.by_stream.get_mut(&k.0).and_then(|t| t.remove(&packed(k.1, k.2))).is_some()
-    }
-
-    /// Every free block, in (stream, size, address) order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = SizeKey> + '_ {
-        let mut streams: Vec<u64> = self.by_stream.keys().copied().collect();
-        streams.sort_unstable();
-        streams.into_iter().flat_map(move |s| self.by_stream[&s].iter().map(move |(&k, &id)| unpack(s, k, id)))
-    }
-
-    /// Free blocks of `stream` of at least `size` bytes, smallest first.
-    pub(crate) fn fitting(&self, stream: u64, size: u64) -> impl Iterator<Item = SizeKey> + '_ {
-        self.by_stream
-            .get(&stream)
-            .into_iter()
-            .flat_map(move |t| t.range(packed(size, 0)..).map(move |(&k, &id)| unpack(stream, k, id)))
-    }
-
-    /// Free blocks of `stream` smaller than `size` bytes, largest first.
-    pub(crate) fn below(&self, stream: u64, size: u64) -> impl Iterator<Item = SizeKey> + '_ {
-        self.by_stream
-            .get(&stream)
-            .into_iter()
-            .flat_map(move |t| t.range(..packed(size, 0)).rev().map(move |(&k, &id)| unpack(stream, k, id)))
-    }
-}
 
 #[derive(Default)]
 pub(crate) struct BlockPool {
     /// Free mapped blocks by (stream, size, address).
-    pub blocks: FreeBlocks,
+    pub blocks: BTreeSet<SizeKey>,
     /// Unmapped ranges of expandable segments by (stream, address).
     pub unmapped: BTreeSet<(u64, u64, BlockId)>,
     /// Searches so far; a block's age for the garbage collector is measured in these.
@@ -135,7 +79,7 @@ impl BlockPool {
     }
 
     /// Free blocks of `stream` of at least `size` bytes, smallest first.
-    pub(crate) fn fitting(&self, stream: u64, size: u64) -> impl Iterator<Item = SizeKey> + '_ {
-        self.blocks.fitting(stream, size)
+    pub(crate) fn fitting(&self, stream: u64, size: u64) -> impl Iterator<Item = &SizeKey> {
+        self.blocks.range((Included((stream, size, 0, 0)), Unbounded)).take_while(move |k| k.0 == stream)
     }
 }
