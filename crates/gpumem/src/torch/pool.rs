@@ -211,3 +211,57 @@ impl BlockPool {
         self.blocks.fitting(stream, size)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random inserts, removals and searches on a few streams: `FreeBlocks` (tree, recent
+    /// array and remembered search) answers exactly as one plain ordered set does.
+    #[test]
+    fn free_blocks_keep_the_order_of_one_ordered_set() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut fb, mut set) = (FreeBlocks::default(), BTreeSet::<SizeKey>::new());
+        for i in 0..20_000u32 {
+            let stream = next() % 3;
+            let size = (next() % 16 + 1) * 512;
+            match next() % 4 {
+                0 | 1 => {
+                    let k = (stream, size, next() % 64 * 4096, i);
+                    assert_eq!(fb.insert(k), set.insert(k));
+                }
+                2 => {
+                    let k = set.iter().nth((next() % (set.len() as u64 + 1)) as usize).copied();
+                    if let Some(k) = k {
+                        assert!(fb.remove(&k) && set.remove(&k));
+                    }
+                    assert!(!fb.remove(&(stream, size, 1, u32::MAX)));
+                }
+                _ => {
+                    let want: Vec<_> =
+                        set.range((stream, size, 0, 0)..).take_while(|k| k.0 == stream).copied().collect();
+                    // twice: the second answer comes from the remembered search
+                    assert_eq!(fb.first_fitting(stream, size), want.first().copied());
+                    assert_eq!(fb.first_fitting(stream, size), want.first().copied());
+                    assert_eq!(fb.fitting(stream, size).collect::<Vec<_>>(), want);
+                    let below: Vec<_> = set
+                        .range(..(stream, size, 0, 0))
+                        .rev()
+                        .take_while(|k| k.0 == stream)
+                        .copied()
+                        .collect();
+                    assert_eq!(fb.below(stream, size).collect::<Vec<_>>(), below);
+                }
+            }
+            if i % 1000 == 0 {
+                assert_eq!(fb.iter().collect::<Vec<_>>(), set.iter().copied().collect::<Vec<_>>());
+            }
+        }
+    }
+}
