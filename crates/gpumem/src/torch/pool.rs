@@ -24,7 +24,7 @@ const RECENT: usize = 4;
 /// A cache hit takes a block out of the pool and puts its split-off remainder in; the free
 /// that follows takes the remainder out again and puts the merged block back: four tree
 /// updates and a search per pair, most of the hit's cost. The last few blocks cached are
-/// therefore kept in a small sorted array beside the tree, and leave it without touching the
+/// therefore kept in a small array beside the tree, and leave it without touching the
 /// tree; the oldest goes into the tree when a new one needs its place. The tree's answer
 /// to the last best-fit search is remembered until the tree changes. Every search sees the
 /// tree and the array merged, so the order, and every decision, is exactly PyTorch's: a
@@ -32,7 +32,7 @@ const RECENT: usize = 4;
 #[derive(Default)]
 pub(crate) struct FreeBlocks {
     tree: BTreeSet<SizeKey>,
-    /// Recently cached blocks, sorted: the first `len`; `age` says when each came.
+    /// Recently cached blocks, in no order: the first `len`; `age` says when each came.
     recent: [SizeKey; RECENT],
     age: [u64; RECENT],
     len: usize,
@@ -60,6 +60,13 @@ impl FreeBlocks {
         &self.recent[..self.len]
     }
 
+    /// The recent blocks in order (on the stack: the searches allocate nothing).
+    fn recent_sorted(&self) -> impl DoubleEndedIterator<Item = SizeKey> {
+        let mut r = self.recent;
+        r[..self.len].sort_unstable();
+        r.into_iter().take(self.len)
+    }
+
     /// Caches a block; false if it was cached already (checked only in debug builds: the
     /// check is a tree search).
     pub(crate) fn insert(&mut self, k: SizeKey) -> bool {
@@ -73,19 +80,16 @@ impl FreeBlocks {
             self.memo = None;
             self.take_recent(oldest);
         }
-        let at = self.recent().partition_point(|r| *r < k);
-        self.recent.copy_within(at..self.len, at + 1);
-        self.age.copy_within(at..self.len, at + 1);
         self.clock += 1;
-        (self.recent[at], self.age[at]) = (k, self.clock);
+        (self.recent[self.len], self.age[self.len]) = (k, self.clock);
         self.len += 1;
         true
     }
 
     fn take_recent(&mut self, i: usize) {
-        self.recent.copy_within(i + 1..self.len, i);
-        self.age.copy_within(i + 1..self.len, i);
         self.len -= 1;
+        self.recent[i] = self.recent[self.len];
+        self.age[i] = self.age[self.len];
     }
 
     /// Takes a block out; false if it was not cached.
@@ -114,7 +118,7 @@ impl FreeBlocks {
                 k
             }
         };
-        let in_recent = self.recent().iter().find(|k| **k >= lo).copied().filter(|k| k.0 == stream);
+        let in_recent = self.recent().iter().filter(|k| **k >= lo && k.0 == stream).min().copied();
         match (in_tree, in_recent) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -125,7 +129,7 @@ impl FreeBlocks {
     pub(crate) fn fitting(&self, stream: u64, size: u64) -> impl Iterator<Item = SizeKey> + '_ {
         let lo = (stream, size, 0, 0);
         let a = self.tree.range(lo..).copied().take_while(move |k| k.0 == stream);
-        let b = self.recent().iter().copied().filter(move |k| *k >= lo && k.0 == stream);
+        let b = self.recent_sorted().filter(move |k| *k >= lo && k.0 == stream);
         merge(a.peekable(), b.peekable(), false)
     }
 
@@ -133,13 +137,13 @@ impl FreeBlocks {
     pub(crate) fn below(&self, stream: u64, size: u64) -> impl Iterator<Item = SizeKey> + '_ {
         let hi = (stream, size, 0, 0);
         let a = self.tree.range(..hi).rev().copied().take_while(move |k| k.0 == stream);
-        let b = self.recent().iter().rev().copied().filter(move |k| *k < hi && k.0 == stream);
+        let b = self.recent_sorted().rev().filter(move |k| *k < hi && k.0 == stream);
         merge(a.peekable(), b.peekable(), true)
     }
 
     /// Every cached block, in order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = SizeKey> + '_ {
-        merge(self.tree.iter().copied().peekable(), self.recent().iter().copied().peekable(), false)
+        merge(self.tree.iter().copied().peekable(), self.recent_sorted().peekable(), false)
     }
 }
 
