@@ -67,8 +67,9 @@ for name, a, b, c in rows:
     print(f"| {name} | {span(a)} | {spanx(b)} | {spanx(c)} |")
 for p in ("torch", "gpumem"):
     b = ours[p]
-    print(p, "threads_1 M pairs/s:", span([x * 1000 for x in b["threads_1"]]), "k;",
-          "threads_8:", span([x * 1000 for x in b["threads_8"]]), "k")
+    print(p, "k pairs/s: 1 thread", span([x * 1000 for x in b["threads_1"]]),
+          "; 8 threads", span([x * 1000 for x in b["threads_8"]]),
+          "; 8 threads, one stream", span([x * 1000 for x in b["threads_8_one_stream"]]))
 v = [json.loads(l) for l in open(f"{o}/verify.jsonl") if l.startswith("{")]
 bad = [d["trace"] for d in v if d.get("segments_matched") != d.get("segments_expected") or d.get("allocs_matched") != d.get("allocs_expected")]
 print("verify: %d traces, %s" % (len(v), "all exact" if not bad else "NOT exact: " + ", ".join(bad)))
