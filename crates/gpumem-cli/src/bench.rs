@@ -143,33 +143,32 @@ fn allocator_benches<D: Device + 'static>(s: &Setup<D>, policies: &[String]) -> 
     Ok(())
 }
 
+/// One policy's rows: the hit pairs (only the busy one with `--quick`), then the threads.
 fn policy_benches<D: Device + 'static>(s: &Setup<D>, name: &str, rows: &mut Vec<Row>) -> Result<(), Failure> {
     let (device, streams) = (s.device, s.streams);
-    {
-        let policy = Policy::parse(name).map_err(Failure::input)?;
-        let a = Arc::new(Allocator::with_policy((s.make)()?, &policy).map_err(Failure::work)?);
-        let sizes: &[(&str, u64)] =
-            if s.quick { &[] } else { &[("512B", 512), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] };
-        for &(label, size) in sizes {
-            let v = hit_ns(&a, size, StreamId::DEFAULT)?;
-            rows.push(Row {
-                bench: format!("hit_pair_{label}"),
-                policy: name.to_string(),
-                device,
-                value: v,
-                unit: "ns/pair",
-            });
-        }
+    let policy = Policy::parse(name).map_err(Failure::input)?;
+    let a = Arc::new(Allocator::with_policy((s.make)()?, &policy).map_err(Failure::work)?);
+    let sizes: &[(&str, u64)] =
+        if s.quick { &[] } else { &[("512B", 512), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] };
+    for &(label, size) in sizes {
+        let v = hit_ns(&a, size, StreamId::DEFAULT)?;
         rows.push(Row {
-            bench: "hit_pair_1MiB_busy".into(),
+            bench: format!("hit_pair_{label}"),
             policy: name.to_string(),
             device,
-            value: busy_hit_ns(&a, 1 << 20)?,
+            value: v,
             unit: "ns/pair",
         });
-        thread_benches(&a, name, device, streams, s.quick, rows)?;
-        a.empty_cache().map_err(Failure::work)?;
     }
+    rows.push(Row {
+        bench: "hit_pair_1MiB_busy".into(),
+        policy: name.to_string(),
+        device,
+        value: busy_hit_ns(&a, 1 << 20)?,
+        unit: "ns/pair",
+    });
+    thread_benches(&a, name, device, streams, s.quick, rows)?;
+    a.empty_cache().map_err(Failure::work)?;
     Ok(())
 }
 
