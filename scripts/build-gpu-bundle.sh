@@ -17,7 +17,7 @@ cp "$exe" .gpu/gpu-tests
 cp testdata/*.jsonl.gz testdata/snapshot_sample.pickle .gpu/traces/
 if [ -d ../shared/bench ]; then cp ../shared/bench/*.py .gpu/bench/; fi
 strip --strip-debug .gpu/gpumem .gpu/gpu-tests
-cp scripts/gpu-test.sh scripts/gpu-bench.sh scripts/gpu-ab.sh scripts/record_traces.py scripts/record_long.py .gpu/
+cp scripts/gpu-test.sh scripts/gpu-bench.sh scripts/gpu-perf.sh scripts/gpu-ab.sh scripts/record_traces.py scripts/record_long.py .gpu/
 # The Python package as a wheel (abi3: any Python >= 3.10), pytest to test it (the GPU machine
 # has no network), and its tests.
 mkdir -p .gpu/wheels .gpu/py-tests

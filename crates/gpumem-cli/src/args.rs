@@ -164,6 +164,15 @@ pub(crate) struct BenchArgs {
     /// Up to this many threads (powers of two), 1 to 256
     #[arg(long, default_value_t = 8, value_parser = threads)]
     pub threads: usize,
+    /// Policy to measure, repeatable, optionally with options (default: all three)
+    #[arg(long = "policy", short = 'p')]
+    pub policies: Vec<String>,
+    /// Only the allocator's figures: skip the timing of the driver's own calls on a GPU
+    #[arg(long)]
+    pub no_device_calls: bool,
+    /// Only issue 20's figures: the busy 1 MiB hit pair, and one thread against all of them
+    #[arg(long)]
+    pub quick: bool,
     /// One JSON object per line
     #[arg(long)]
     pub json: bool,

@@ -230,6 +230,27 @@ fn impossible_sizes_and_counts_are_usage_errors() {
 }
 
 #[test]
+fn bench_quick_gives_issue_20s_figures_for_the_policies_asked() {
+    let o = gpumem(&["bench", "--device", "sim", "--quick", "-p", "torch", "--threads", "2", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let benches: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("one JSON object a line");
+            assert_eq!(v["policy"], "torch", "{l}");
+            v["bench"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for want in ["hit_pair_1MiB_busy", "threads_1", "threads_2", "threads_2_one_stream", "scaling_2_streams"]
+    {
+        assert!(benches.iter().any(|b| b == want), "{want} missing from {benches:?}");
+    }
+    assert!(!benches.iter().any(|b| b == "hit_pair_512B"), "--quick: {benches:?}");
+    let o = gpumem(&["bench", "--device", "sim", "-p", "nonsense"]);
+    one_line_exit(&o, 2, "an unknown policy");
+}
+
+#[test]
 fn a_replay_that_runs_out_of_memory_exits_1_after_its_table() {
     let o = gpumem(&["replay", &data("resnet50_train.jsonl.gz"), "-p", "torch", "--capacity", "1GiB"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

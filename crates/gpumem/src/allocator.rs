@@ -13,7 +13,7 @@ use crate::report::summary;
 use crate::torch::Engine;
 use parking_lot::{Mutex, MutexGuard};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A caching allocator for one device, with any policy (PyTorch's algorithm as `torch` and
 /// `torch-expandable`, or gpumem's own `gpumem`), over any [`Device`].
@@ -33,6 +33,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// ```
 pub struct Allocator<D: Device> {
     core: Mutex<Core<D>>,
+    /// The four counters read most often, published at the end of every call.
+    published: Published,
     /// Set when a call panicked inside the policy. parking_lot's mutex is not poisoned by a
     /// panic, and a policy that panicked halfway through a call may have left its blocks,
     /// pools and counters disagreeing; every later call that would use them then fails with
@@ -45,9 +47,26 @@ pub struct Allocator<D: Device> {
     history_on: AtomicBool,
 }
 
+/// Note [Counters read without the lock]
+/// --------------------------------------
+/// `memory_allocated()`, `memory_reserved()` and their peaks are what programs poll most
+/// (PyTorch's training loops log them every step, from any thread). They are copied out of
+/// the policy's counters at the end of every call, while its lock is still held, and read
+/// from here without the lock, so a reader never waits behind a cache hit or a hit behind a
+/// reader. The copies change in lock order, and a thread's own call has published before it
+/// returns: a thread that allocated a block sees it counted at once.
+#[derive(Default)]
+struct Published {
+    allocated: AtomicU64,
+    peak_allocated: AtomicU64,
+    reserved: AtomicU64,
+    peak_reserved: AtomicU64,
+}
+
 /// The policy, locked for one public call; marks the allocator poisoned if the call panics.
 struct Call<'a, D: Device> {
     core: MutexGuard<'a, Core<D>>,
+    published: &'a Published,
     poisoned: &'a AtomicBool,
     /// Whether the thread was already unwinding when the call began (a tensor dropped during
     /// a panic elsewhere frees its block: that call did not panic, and poisons nothing).
@@ -72,6 +91,12 @@ impl<D: Device> Drop for Call<'_, D> {
         if std::thread::panicking() && !self.unwinding_before {
             self.poisoned.store(true, Ordering::Release);
         }
+        // Note [Counters read without the lock]: runs before the guard unlocks
+        let (s, p) = (self.core.stats(), self.published);
+        p.allocated.store(s.allocated_bytes.all().current as u64, Ordering::Relaxed);
+        p.peak_allocated.store(s.allocated_bytes.all().peak as u64, Ordering::Relaxed);
+        p.reserved.store(s.reserved_bytes.all().current as u64, Ordering::Relaxed);
+        p.peak_reserved.store(s.reserved_bytes.all().peak as u64, Ordering::Relaxed);
     }
 }
 
@@ -106,13 +131,16 @@ impl<D: Device> Allocator<D> {
         if let Some(f) = fraction {
             set_memory_fraction(&mut core, f)?;
         }
-        Ok(Allocator {
+        let a = Allocator {
             core: Mutex::new(core),
+            published: Published::default(),
             poisoned: AtomicBool::new(false),
             stack_source: Mutex::new(None),
             stacks_on: AtomicBool::new(false),
             history_on: AtomicBool::new(false),
-        })
+        };
+        drop(a.lock()); // publishes the counters (Note [Counters read without the lock])
+        Ok(a)
     }
 
     /// An allocator for a named policy (`"gpumem"`, `"torch-expandable:max_split_size_mb:128"`).
@@ -132,6 +160,7 @@ impl<D: Device> Allocator<D> {
     fn lock(&self) -> Call<'_, D> {
         let mut call = Call {
             core: self.core.lock(),
+            published: &self.published,
             poisoned: &self.poisoned,
             unwinding_before: std::thread::panicking(),
         };
@@ -161,7 +190,9 @@ impl<D: Device> Allocator<D> {
         if size == 0 {
             return Ok(0);
         }
-        let stack = self.stack();
+        let Some(stack) = self.stack() else {
+            return self.checked()?.malloc(size, stream);
+        };
         let mut call = self.checked()?;
         call.history().context = stack;
         let mut r = call.malloc(size, stream);
@@ -175,14 +206,16 @@ impl<D: Device> Allocator<D> {
         r
     }
 
-    /// The caller's stack from the stack source, if one is set: taken before the lock, since
-    /// the source may run code that frees memory (Note on [`StackSource`]).
-    fn stack(&self) -> Frames {
+    /// The caller's stack from the stack source, if one is set and history is on (`None`
+    /// otherwise): taken before the lock, since the source may run code that frees memory
+    /// (Note on [`StackSource`]). Without one, a call leaves the history's (empty) context
+    /// alone: an empty `Arc<[Frame]>` is a heap allocation, and a cache hit makes none.
+    fn stack(&self) -> Option<Frames> {
         if !self.stacks_on.load(Ordering::Relaxed) {
-            return no_frames();
+            return None;
         }
         let source = self.stack_source.lock().clone();
-        source.map_or_else(no_frames, |f| f())
+        Some(source.map_or_else(no_frames, |f| f()))
     }
 
     /// Frees the block at `ptr`. Freeing 0 does nothing. A pointer this allocator did not
@@ -242,22 +275,22 @@ impl<D: Device> Allocator<D> {
 
     /// Bytes in blocks handed out (PyTorch's `memory_allocated`).
     pub fn memory_allocated(&self) -> u64 {
-        self.lock().stats().allocated_bytes.all().current as u64
+        self.published.allocated.load(Ordering::Relaxed)
     }
 
     /// The peak of [`Allocator::memory_allocated`] since the last reset.
     pub fn max_memory_allocated(&self) -> u64 {
-        self.lock().stats().allocated_bytes.all().peak as u64
+        self.published.peak_allocated.load(Ordering::Relaxed)
     }
 
     /// Bytes held from the device (PyTorch's `memory_reserved`).
     pub fn memory_reserved(&self) -> u64 {
-        self.lock().stats().reserved_bytes.all().current as u64
+        self.published.reserved.load(Ordering::Relaxed)
     }
 
     /// The peak of [`Allocator::memory_reserved`] since the last reset.
     pub fn max_memory_reserved(&self) -> u64 {
-        self.lock().stats().reserved_bytes.all().peak as u64
+        self.published.peak_reserved.load(Ordering::Relaxed)
     }
 
     /// Makes every peak equal its current value.
@@ -464,6 +497,30 @@ mod tests {
             assert!(a.check_stats().unwrap_err().contains("panicked"));
             // reading the counters still works
             assert!(a.memory_allocated() > 0);
+        }
+    }
+
+    #[test]
+    fn counters_read_without_the_lock_follow_every_call() {
+        for policy in Policy::NAMES {
+            let a = Allocator::with_policy(SimDevice::new(1 << 30), &Policy::parse(policy).unwrap()).unwrap();
+            let p = a.malloc(3 << 20, StreamId::DEFAULT).unwrap();
+            let s = a.stats();
+            assert_eq!(a.memory_allocated(), s.allocated_bytes.all().current as u64, "{policy}");
+            assert_eq!(a.memory_reserved(), s.reserved_bytes.all().current as u64, "{policy}");
+            a.free(p).unwrap();
+            assert_eq!(a.memory_allocated(), 0, "{policy}");
+            assert_eq!(a.max_memory_allocated(), s.allocated_bytes.all().peak as u64, "{policy}");
+            a.reset_peak_memory_stats();
+            assert_eq!(a.max_memory_allocated(), 0, "{policy}");
+            a.empty_cache().unwrap();
+            assert_eq!(a.memory_reserved(), 0, "{policy}");
+            assert_eq!(a.max_memory_reserved(), a.stats().reserved_bytes.all().peak as u64, "{policy}");
+            // a reader does not wait for a call in progress
+            let call = a.lock();
+            let seen = std::thread::scope(|s| s.spawn(|| a.memory_reserved()).join().unwrap());
+            drop(call);
+            assert_eq!(seen, 0, "{policy}");
         }
     }
 

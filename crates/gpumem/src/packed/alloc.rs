@@ -449,7 +449,14 @@ impl<D: Device> Packed<D> {
     }
 
     pub(crate) fn free(&mut self, ptr: u64) -> Result<(), AllocError> {
-        let u = self.live.get_mut(&ptr).filter(|u| u.allocated).ok_or(AllocError::InvalidPointer(ptr))?;
+        // Taken out of `live` at once: a block no other stream used goes straight back to the
+        // free pieces, with one map operation instead of a lookup and a removal.
+        let mut u = self.live.remove(&ptr).ok_or(AllocError::InvalidPointer(ptr))?;
+        if !u.allocated {
+            // freed already, waiting for other streams
+            self.live.insert(ptr, u);
+            return Err(AllocError::InvalidPointer(ptr));
+        }
         u.allocated = false;
         let (size, requested, stream) = (u.size, u.requested, u.stream);
         self.growth.on_free(requested, ptr);
@@ -463,9 +470,10 @@ impl<D: Device> Packed<D> {
             self.note_stream_free(ptr, size, stream);
         }
         if uses.is_empty() {
-            self.free_completed(ptr);
+            self.complete(ptr, u);
             return Ok(());
         }
+        self.live.insert(ptr, u);
         for s in uses {
             self.pending.record(&self.device, s, ptr)?;
             self.live.get_mut(&ptr).unwrap().event_count += 1;
@@ -475,6 +483,11 @@ impl<D: Device> Packed<D> {
 
     fn free_completed(&mut self, ptr: u64) {
         let u = self.live.remove(&ptr).expect("a live block");
+        self.complete(ptr, u);
+    }
+
+    /// Returns the block `u` at `ptr`, already out of `live`, to the free pieces.
+    fn complete(&mut self, ptr: u64, u: Used) {
         self.history.record(Action::FreeCompleted, ptr, u.requested, u.stream);
         let k = POOL;
         self.stats.active.decrease(k, 1);

@@ -199,6 +199,11 @@ pub(crate) struct Starts {
 impl Starts {
     /// Notes that a piece starts at `addr`; `spans` are the pieces.
     fn note(&mut self, addr: u64, spans: &PtrMap<(u64, Piece)>) {
+        // A loop of hits notes the same few starts over and over (a hole's front carved and
+        // merged back): one note of each is enough.
+        if self.new[self.new.len().saturating_sub(4)..].contains(&addr) {
+            return;
+        }
         self.new.push(addr);
         if self.new.len() > 2 * spans.len() + 1024 {
             self.index(spans);

@@ -126,9 +126,10 @@ impl<D: Device> Engine<D> {
         if gc {
             pool.get_free_blocks_call_count += 1;
         }
-        let mut it = pool.fitting(stream.0, size).peekable();
-        let mut key = *it.next()?;
+        let mut key = pool.blocks.first_fitting(stream.0, size)?;
         if blocks[key.3].expandable.is_some() {
+            let mut it = pool.fitting(stream.0, size).peekable();
+            it.next(); // `key`
             if expandable_on {
                 // Note [Best fit counts growable room]: a free block at the end of an
                 // expandable segment can grow into the unmapped range after it, so for best
@@ -140,16 +141,15 @@ impl<D: Device> Engine<D> {
                 while blocks[key.3].expandable.is_some() {
                     match it.peek() {
                         Some(next) if expandable_size(next.3) < expandable_size(key.3) => {
-                            key = *it.next().unwrap();
+                            key = it.next().unwrap();
                         }
                         _ => break,
                     }
                 }
             } else {
-                key = *it.find(|k| blocks[k.3].expandable.is_none())?;
+                key = it.find(|k| blocks[k.3].expandable.is_none())?;
             }
         }
-        drop(it);
         let found = &blocks[key.3];
         if size < max_split && found.size >= max_split {
             return None; // do not split an oversize block for a normal request

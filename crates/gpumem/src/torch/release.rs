@@ -71,7 +71,7 @@ impl<D: Device> Engine<D> {
     }
 
     fn release_blocks(&mut self, kind: PoolKind) -> Result<(), AllocError> {
-        let keys: Vec<_> = self.pool(kind).blocks.iter().copied().collect();
+        let keys: Vec<_> = self.pool(kind).blocks.iter().collect();
         let mut to_unmap = Vec::new();
         for (_, _, _, id) in keys {
             let b = &self.blocks[id];
@@ -131,8 +131,7 @@ impl<D: Device> Engine<D> {
         }
         let key_size = size.max(max_split);
         let pool = self.pools.get(kind);
-        let single =
-            pool.fitting(stream.0, key_size).find(|k| self.blocks[k.3].expandable.is_none()).copied();
+        let single = pool.fitting(stream.0, key_size).find(|k| self.blocks[k.3].expandable.is_none());
         if let Some(k) = single {
             self.release_block(k.3)?;
             return Ok(true);
@@ -140,11 +139,9 @@ impl<D: Device> Engine<D> {
         // No single block is large enough: free oversize blocks from the largest down.
         let candidates: Vec<_> = pool
             .blocks
-            .range(..(stream.0, key_size, 0, 0))
-            .rev()
-            .take_while(|k| k.0 == stream.0 && k.1 >= max_split)
+            .below(stream.0, key_size)
+            .take_while(|k| k.1 >= max_split)
             .filter(|k| self.blocks[k.3].expandable.is_none())
-            .copied()
             .collect();
         let mut released = 0;
         for k in candidates {
