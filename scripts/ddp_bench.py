@@ -622,8 +622,8 @@ def acceptance(s, launches, models, allocators, nproc, standin):
                 devs = s[m][r][a]["gpumem_devices"]
                 if devs:
                     good = all(v == [r % max(1, nproc)] for v in devs)
-                    line(good, "4 %s rank %d %s: gpumem has an allocator on GPU(s) %s only (expected [%d])"
-                         % (m, r, a, sorted({tuple(v) for v in devs}), r))
+                    line(good, "4 %s rank %d %s: this rank's gpumem has allocators for GPU(s) %s over its runs "
+                         "(expected its own GPU only: [%d])" % (m, r, a, sorted({tuple(v) for v in devs}), r))
     checks = info_check(launches)
     for c in checks:
         line(c["ok"], "4 %s: gpumem info: %s" % (c["tag"], c["text"]))
@@ -648,6 +648,32 @@ def write_out(out_dir, doc):
     os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "ddp_bench.md"), "w") as f:
         f.write(doc["table_md"] + "\n\n" + "\n".join(doc["acceptance"]) + "\n")
+
+
+def report_main(args, argv):
+    """Re-reads earlier parent runs (each DIR holds ddp_bench.json and one folder per launch, as it
+    came back from the GPU machine) and writes their joint table and acceptance lines to --out."""
+    launches, metas = [], []
+    for d in args.report:
+        with open(os.path.join(d, "ddp_bench.json")) as f:
+            doc = json.load(f)
+        metas.append(doc["meta"])
+        for L in doc["launches"]:
+            L["dir"] = os.path.join(d, L["tag"])  # the paths of the machine it ran on, made local
+            for x in L["ranks"]:
+                x["log"] = os.path.join(L["dir"], "rank%d.log" % x["rank"])
+            launches.append(L)
+    nprocs = {m.get("nproc") for m in metas}
+    if len(nprocs) != 1:
+        print("ddp_bench.py: the runs have different --nproc (%s)" % sorted(nprocs), file=sys.stderr)
+        return 2
+    args.nproc = nprocs.pop()
+    args.cpu_standin = any(m.get("cpu_standin") for m in metas)
+    os.makedirs(args.out, exist_ok=True)
+    doc = report(launches, args, {"merged": args.report, "metas": metas})
+    write_out(args.out, doc)
+    print(doc["table_md"] + "\n\n" + "\n".join(doc["acceptance"]))
+    return 0
 
 
 def parent_main(args, argv):
@@ -685,18 +711,21 @@ def parent_main(args, argv):
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "device": args.device,
             "tiny": args.tiny, "cpu_standin": args.cpu_standin, "nccl_debug": args.nccl_debug,
             "python": sys.version.split()[0], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    launches, skipped = [], []
+    launches, skipped, seen = [], [], {}
     pending = list(plan)
     try:
         while pending:
             item = pending[0]
             elapsed = time.time() - t0
-            if args.time_budget and elapsed + estimate_s(item, args) > args.time_budget:
+            # the estimate, or what this model's last launch really took if that was longer
+            est = max(estimate_s(item, args), seen.get(item["model"], 0))
+            if args.time_budget and elapsed + est > args.time_budget:
                 skipped = pending
                 print("time budget: %.0f s spent, %d launches left out" % (elapsed, len(skipped)), flush=True)
                 break
             pending.pop(0)
             L = run_launch(item, args, len(launches))
+            seen[item["model"]] = L["wall_s"]
             launches.append(L)
             print(one_line(L, time.time() - t0), flush=True)
             meta["elapsed_s"] = round(time.time() - t0, 1)
@@ -749,12 +778,17 @@ def parse_args(argv):
     p.add_argument("--nccl-debug", default="WARN", help="parent mode: NCCL_DEBUG in every launch (default WARN)")
     p.add_argument("--det-warn-only", action="store_true", help="use_deterministic_algorithms(True, warn_only=True)")
     p.add_argument("--launch-timeout", type=int, default=240, help="parent mode: seconds one torchrun may take")
-    p.add_argument("--time-budget", type=float, default=540,
+    p.add_argument("--time-budget", type=float, default=520,
                    help="parent mode: start no launch that would end past this many seconds (0: none)")
     p.add_argument("--plan", action="store_true", help="parent mode: print the plan and its estimate only")
+    p.add_argument("--report", nargs="+", metavar="DIR",
+                   help="re-read the results folders of earlier parent runs and write their joint table to --out")
     args = p.parse_args(argv)
     if args.world_size_1:
         args.nproc = 1
+    if args.report:
+        args.out = args.out or "bench-out/ddp-report"
+        return args
     if args.all:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
         args.allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
@@ -777,6 +811,8 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
+    if args.report:
+        return report_main(args, argv)
     if args.all:
         return parent_main(args, argv)
     return rank_main(args)
