@@ -25,6 +25,6 @@ maturin build --release -m crates/gpumem-py/Cargo.toml --compatibility linux -o 
 pip download --quiet --no-deps -d .gpu/wheels pytest iniconfig pluggy packaging pygments
 cp crates/gpumem-py/tests/*.py .gpu/py-tests/
 cp scripts/gpu-py.sh scripts/gpu-install.sh .gpu/
-for f in scripts/train_bench.py scripts/torch_memory_tests.py; do if [ -f "$f" ]; then cp "$f" .gpu/; fi; done
+for f in scripts/train_bench.py scripts/ddp_bench.py scripts/torch_memory_tests.py; do if [ -f "$f" ]; then cp "$f" .gpu/; fi; done
 if [ -d .gpu-extra ]; then cp -r .gpu-extra .gpu/extra; fi
 echo "bundle in .gpu/: $(du -sh .gpu | cut -f1)"

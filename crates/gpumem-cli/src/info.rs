@@ -14,6 +14,10 @@ struct Process {
 struct Gpu {
     index: usize,
     name: String,
+    /// NVML's UUID (`GPU-...`), which matches `torch.cuda.get_device_properties(i).uuid`
+    /// whatever the device order (NVML's index follows PCI order, CUDA's may not); None
+    /// without NVML.
+    uuid: Option<String>,
     total_bytes: u64,
     free_bytes: u64,
     used_bytes: u64,
@@ -61,6 +65,7 @@ fn from_nvml() -> Result<Info, String> {
         gpus.push(Gpu {
             index: i as usize,
             name: d.name().unwrap_or_else(|_| format!("GPU {i}")),
+            uuid: d.uuid().ok(),
             total_bytes: m.total,
             free_bytes: m.free,
             used_bytes: m.used,
@@ -80,6 +85,7 @@ fn from_cuda() -> Result<Info, String> {
         gpus.push(Gpu {
             index: i,
             name: d.name(),
+            uuid: None,
             total_bytes: total,
             free_bytes: free,
             used_bytes: total - free,
@@ -119,9 +125,10 @@ pub(crate) fn run(json: bool) -> Result<(), Failure> {
     );
     for g in &info.gpus {
         println!(
-            "GPU {}: {}: total {}, free {}, used {}",
+            "GPU {}: {}{}: total {}, free {}, used {}",
             g.index,
             g.name,
+            g.uuid.as_ref().map(|u| format!(" ({u})")).unwrap_or_default(),
             mib(g.total_bytes),
             mib(g.free_bytes),
             mib(g.used_bytes)
@@ -137,4 +144,35 @@ pub(crate) fn run(json: bool) -> Result<(), Failure> {
     }
     println!("{}", info.note);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--json` carries each GPU's UUID (scripts/ddp_bench.py matches a rank's GPU by it), and
+    /// null where only the CUDA driver answered.
+    #[test]
+    fn json_has_each_gpus_uuid() {
+        let gpu = |uuid: Option<&str>| Gpu {
+            index: 0,
+            name: "GPU".into(),
+            uuid: uuid.map(String::from),
+            total_bytes: 1,
+            free_bytes: 1,
+            used_bytes: 0,
+            processes: vec![Process { pid: 7, name: "python3".into(), used_bytes: Some(1 << 20) }],
+        };
+        let info = Info {
+            source: "NVML",
+            driver_version: None,
+            gpus: vec![gpu(Some("GPU-0b1c")), gpu(None)],
+            note: NOTE,
+        };
+        let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&info).unwrap()).unwrap();
+        assert_eq!(v["gpus"][0]["uuid"], "GPU-0b1c");
+        assert!(v["gpus"][1]["uuid"].is_null());
+        assert_eq!(v["gpus"][0]["processes"][0]["pid"], 7);
+        assert_eq!(v["gpus"][0]["processes"][0]["used_bytes"], 1 << 20);
+    }
 }
