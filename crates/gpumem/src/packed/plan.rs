@@ -367,9 +367,9 @@ fn live_profile(blocks: &[Interval], p: u64) -> (u64, usize, u64) {
 /// 1/256 above the bound. On ViT over 24 steps (1,073 blocks, bound 2,683 MB) they gave
 /// 2,707, 2,703 and 2,800 MB; request order gives 2,688 MB (0.18% above the bound), which is
 /// what lets that plan fit within best fit's peak (Note [What a plan leaves outside its
-/// region] in `packed/plan_region.rs`: 1,132 MB of long-lived pages + 2,688 against 3,810
-/// + 0.4%). Also tried: the smallest gap instead of the lowest offset (2,731 MB at best).
-/// No other bundled trace's plan changed.
+/// region] in `packed/plan_region.rs`: 1,132 MB of long-lived pages and 2,688 against
+/// 3,810 and 0.4%). Also tried: the smallest gap instead of the lowest offset (2,731 MB at
+/// best). No other bundled trace's plan changed.
 fn pack(blocks: &[Interval], p: u64, holes: &[(u64, u64)], lower: u64) -> (Vec<Spot>, u64) {
     let mut holes = holes.to_vec();
     holes.sort_unstable_by_key(|h| (h.1, h.0));
