@@ -171,7 +171,7 @@ impl PyAllocator {
     /// The segments, blocks and recorded history, as `torch.cuda.memory._snapshot()`
     /// returns them (pickle it with protocol 4 for pytorch.org/memory_viz).
     fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let index = self.inner.with_device(|d| gpumem::Device::index(d));
+        let index = self.inner.with_device(gpumem::Device::index);
         let snap = py.detach(|| DeviceSnapshot::take(index, &self.inner));
         snapshot_dict(py, &[snap])
     }
