@@ -67,13 +67,11 @@ EST_STEP_MS = {"gpt2": 95.0, "resnet50": 42.0}
 EST_LAUNCH_S = 25.0
 GIB = 1 << 30
 
-
-def tb():
-    """train_bench.py, for its Workload (models, batches, losses, optimizers) and helpers."""
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
-    import train_bench
-    return train_bench
+# train_bench.py (beside this script; it imports nothing but the standard library at the top):
+# its Workload (models, batches, losses, optimizers) and the helpers both benches share
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+import train_bench  # noqa: E402
 
 
 # =============================================================================================
@@ -118,7 +116,7 @@ def rank_main(args):
             "model": args.model, "device": args.device, "tiny": args.tiny, "steps": args.steps,
             "warmup": args.warmup, "rank": rank, "local_rank": local_rank, "world_size": world,
             "label": args.label or args.allocator}
-    res = tb().ChildResult(spec)
+    res = train_bench.ChildResult(spec)
     d = res.d
     d.update(pid=os.getpid(), rank=rank, local_rank=local_rank, world_size=world, host=socket.gethostname())
     t_start = time.perf_counter()
@@ -179,7 +177,7 @@ def rank_main(args):
         torch.use_deterministic_algorithms(True, warn_only=args.det_warn_only)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        wl = tb().Workload(args.model, args.tiny, torch, device)
+        wl = train_bench.Workload(args.model, args.tiny, torch, device)
         d["model_impl"] = wl.impl
         d["params"] = sum(p.numel() for p in wl.model.parameters())
         model = wl.model.to(device)
@@ -216,7 +214,7 @@ def barrier(dist, cuda, local_rank):
 
 
 def run_steps(args, d, res, torch, dist, wl, ddp, opt, cuda, rank, local_rank):
-    train_step = tb().train_step
+    train_step = train_bench.train_step
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = args.warmup + args.steps
     d.update(step_ms=[], losses_hex=[], losses=[])
@@ -286,14 +284,9 @@ def at_info(args, d, torch, dist, cuda, rank, local_rank):
 # Parent side: one torchrun per (model, allocator, round), then the table and acceptance.
 # =============================================================================================
 
-def rotate(xs, k):
-    k %= len(xs)
-    return xs[k:] + xs[:k]
-
-
 def make_plan(args):
     return [{"model": m, "allocator": a, "round": r}
-            for r in range(args.rounds) for m in args.models for a in rotate(args.allocators, r)]
+            for r in range(args.rounds) for m in args.models for a in train_bench.rotate(args.allocators, r)]
 
 
 def estimate_s(item, args):
@@ -417,13 +410,7 @@ def flagged_lines(L):
 
 # ------------------------------------------------------------------ summary and acceptance ---
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def summarize(launches, models, allocators, nproc):
-    first_diff = tb().first_diff
     s = {}
     for m in models:
         s[m] = {}
@@ -437,13 +424,13 @@ def summarize(launches, models, allocators, nproc):
                 e = {"runs": len(runs), "ok_runs": len(ok),
                      "errors": [x["errors"][0].splitlines()[0] for x in runs if x.get("errors")]}
                 e["round_medians_ms"] = [x["median_step_ms"] for x in ok if x.get("median_step_ms") is not None]
-                e["median_step_ms"] = med(e["round_medians_ms"])
-                e["peak_reserved"] = med([x.get("peak_reserved") for x in ok])
-                e["peak_allocated"] = med([x.get("peak_allocated") for x in ok])
+                e["median_step_ms"] = train_bench.med(e["round_medians_ms"])
+                e["peak_reserved"] = train_bench.med([x.get("peak_reserved") for x in ok])
+                e["peak_allocated"] = train_bench.med([x.get("peak_allocated") for x in ok])
                 ratios = [x["peak_reserved"] / x["peak_allocated"] for x in ok if x.get("peak_allocated")]
-                e["reserved_over_allocated"] = med(ratios)
+                e["reserved_over_allocated"] = train_bench.med(ratios)
                 e["reserved_over_allocated_max"] = max(ratios) if ratios else None
-                e["driver_used_max"] = med([x.get("driver_used_max") for x in ok])
+                e["driver_used_max"] = train_bench.med([x.get("driver_used_max") for x in ok])
                 e["nonfinite_losses"] = max([x.get("nonfinite_losses", 0) for x in ok] or [0])
                 e["gpumem_devices"] = [x.get("gpumem_devices") for x in ok if "gpumem_devices" in x]
                 if ref is None:
@@ -453,7 +440,7 @@ def summarize(launches, models, allocators, nproc):
                     for L, x in zip(by[a], runs):
                         if x is ref:
                             continue
-                        fd = first_diff(ref["losses_hex"], x.get("losses_hex") or [])
+                        fd = train_bench.first_diff(ref["losses_hex"], x.get("losses_hex") or [])
                         if fd is not None:
                             diffs.append({"round": L["round"], "first_diff_step": fd})
                     e["losses_identical"] = not diffs and bool(runs)
@@ -524,10 +511,6 @@ def info_check(launches):
     return out
 
 
-def fmt_gib(x):
-    return "%.3f" % (x / GIB) if x else "-"
-
-
 def table(s, models, allocators, nproc):
     lines = ["| model | rank | allocator | median step ms (round medians) | / default | peak reserved GiB | "
              "peak allocated GiB | reserved/allocated | driver used max GiB | losses = default |",
@@ -550,9 +533,9 @@ def table(s, models, allocators, nproc):
                 lines.append("| %s | %d | %s | %.2f (%s) | %s | %s | %s | %s | %s | %s |" % (
                     m, r, a, e["median_step_ms"], ", ".join("%.1f" % v for v in e["round_medians_ms"]),
                     "%.3f" % e["ratio_to_default"] if e["ratio_to_default"] else "-",
-                    fmt_gib(e["peak_reserved"]), fmt_gib(e["peak_allocated"]),
+                    train_bench.fmt_gib(e["peak_reserved"]), train_bench.fmt_gib(e["peak_allocated"]),
                     "%.4f" % e["reserved_over_allocated"] if e["reserved_over_allocated"] else "-",
-                    fmt_gib(e["driver_used_max"]), lid))
+                    train_bench.fmt_gib(e["driver_used_max"]), lid))
     return "\n".join(lines)
 
 
@@ -790,15 +773,8 @@ def parse_args(argv):
         args.out = args.out or "bench-out/ddp-report"
         return args
     if args.all:
-        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-        args.allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
-        for m in args.models:
-            if m not in MODELS:
-                p.error("unknown model %r (choose from %s)" % (m, ",".join(MODELS)))
-        for a in args.allocators:
-            if a not in ALLOCATORS:
-                p.error("unknown allocator %r (choose from %s)" % (a, ",".join(ALLOCATORS)))
-        args.allocators = [a for a in ALLOCATORS if a in args.allocators]
+        args.models = train_bench.names(p, args.models, MODELS, "model")
+        args.allocators = [a for a in ALLOCATORS if a in train_bench.names(p, args.allocators, ALLOCATORS, "allocator")]
         if args.cpu_standin and args.device != "cpu":
             p.error("--cpu-standin is for --device cpu only")
         args.out = args.out or "bench-out/ddp"

@@ -833,6 +833,15 @@ def write_out(path, doc):
         f.write(doc["table_md"] + "\n\n" + "\n".join(doc["acceptance"]) + "\n")
 
 
+def names(parser, text, known, what):
+    """The comma-separated names in `text`, each one of `known`; an unknown one is a usage error."""
+    out = [n.strip() for n in text.split(",") if n.strip()]
+    for n in out:
+        if n not in known:
+            parser.error("unknown %s %r (choose from %s)" % (what, n, ",".join(known)))
+    return out
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Defaults fit issue 18's GPU budget: see docs/train-bench.md.")
@@ -867,15 +876,9 @@ def parse_args(argv):
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge the results of earlier invocations into --out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
-    for m in args.models:
-        if m not in MODELS:
-            p.error("unknown model %r (choose from %s)" % (m, ",".join(MODELS)))
-    for a in args.allocators:
-        if a not in ALLOCATORS:
-            p.error("unknown allocator %r (choose from %s)" % (a, ",".join(ALLOCATORS)))
-    args.allocators = [a for a in ALLOCATORS if a in args.allocators]  # the canonical rotation order
+    args.models = names(p, args.models, MODELS, "model")
+    # the canonical rotation order
+    args.allocators = [a for a in ALLOCATORS if a in names(p, args.allocators, ALLOCATORS, "allocator")]
     opts = {}
     for kv in args.gpumem_option:
         k, _, v = kv.partition("=")
