@@ -32,14 +32,14 @@ fn _plugin_configure(policy: &str, device: &str, capacity: Option<u64>) -> PyRes
 /// The plugin's allocator of `device`, or None if the device has not allocated yet.
 #[pyfunction]
 fn _plugin_allocator(device: usize) -> Option<PyAllocator> {
-    plugin::existing().find(|(i, _)| *i == device).map(|(_, a)| PyAllocator { inner: Arc::clone(a) })
+    plugin::existing().find(|(i, _)| *i == device).map(|(_, s)| PyAllocator { inner: Arc::clone(&s.alloc) })
 }
 
 /// The plugin's allocator of `device`, made now if needed (it opens the GPU).
 #[pyfunction]
 fn _plugin_allocator_for(py: Python<'_>, device: usize) -> PyResult<PyAllocator> {
     let a = py.detach(|| plugin::allocator(device)).map_err(errors::to_py)?;
-    Ok(PyAllocator { inner: Arc::clone(a) })
+    Ok(PyAllocator { inner: Arc::clone(&a.alloc) })
 }
 
 /// The device indices that have an allocator.
@@ -75,7 +75,8 @@ fn _plugin_history() -> Option<(usize, bool)> {
 /// PyTorch's snapshot dict over every device of the plugin.
 #[pyfunction]
 fn _plugin_snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let snaps = py.detach(|| plugin::existing().map(|(i, a)| DeviceSnapshot::take(i, a)).collect::<Vec<_>>());
+    let snaps =
+        py.detach(|| plugin::existing().map(|(i, s)| DeviceSnapshot::take(i, &s.alloc)).collect::<Vec<_>>());
     snapshot_dict(py, &snaps)
 }
 

@@ -15,10 +15,9 @@
 //! - After `fork`, nothing here touches the allocators (Note \[After fork\] in `fork.rs`).
 
 use super::context::KeepContext;
-use super::{allocator, existing, forked, is_cuda};
+use super::{allocator, existing, forked};
 use crate::allocator::Inner;
-use crate::device::AnyDevice;
-use gpumem::{format_size, AllocError, Policy, StreamId};
+use gpumem::{format_size, AllocError, Policy};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,18 +45,6 @@ fn report_once(flag: &AtomicBool, message: &str) {
     if !flag.swap(true, Ordering::Relaxed) {
         eprintln!("{message}");
     }
-}
-
-/// The stream id of `stream` on the allocator's device.
-fn stream_id(a: &Inner, stream: *mut c_void) -> StreamId {
-    a.with_device(|d| match d {
-        // SAFETY: PyTorch passes its own streams, of this device's primary context, and
-        // never destroys them: its pools of streams live as long as the process
-        // (`foreign_stream_id`'s contract; `torch.cuda.ExternalStream`s must outlive their
-        // tensors' use, as they must under PyTorch's own allocator).
-        AnyDevice::Cuda(c) => unsafe { c.foreign_stream_id(stream.cast()) },
-        AnyDevice::Sim(_) => StreamId(stream as u64),
-    })
 }
 
 fn device_index(device: c_int) -> Result<usize, String> {
@@ -94,10 +81,12 @@ fn try_malloc(size: usize, device: c_int, stream: *mut c_void) -> Result<*mut c_
         return Err("gpumem: this process was forked from one that used the GPU, and CUDA cannot be used in a forked child; use the 'spawn' start method (torch.multiprocessing.set_start_method('spawn'))".into());
     }
     let device = device_index(device)?;
-    let a = allocator(device).map_err(|e| malloc_error(size, device, None, e))?;
-    let _keep = KeepContext::new(is_cuda(a));
-    let sid = stream_id(a, stream);
-    a.malloc(size as u64, sid).map(|p| p as *mut c_void).map_err(|e| malloc_error(size, device, Some(a), e))
+    let served = allocator(device).map_err(|e| malloc_error(size, device, None, e))?;
+    let _keep = KeepContext::new(served.is_cuda());
+    let a = &served.alloc;
+    a.malloc(size as u64, served.stream_id(stream))
+        .map(|p| p as *mut c_void)
+        .map_err(|e| malloc_error(size, device, Some(a), e))
 }
 
 /// PyTorch's malloc: `void* malloc(size_t size, int device, cudaStream_t stream)`. A size of
@@ -162,9 +151,9 @@ pub extern "C" fn gpumem_torch_free(ptr: *mut c_void, _size: usize, device: c_in
         return;
     }
     let r = guarded("free", || {
-        let a = allocator(device_index(device)?).map_err(|e| e.to_string())?;
-        let _keep = KeepContext::new(is_cuda(a));
-        a.free(ptr as u64).map_err(|e| e.to_string())
+        let served = allocator(device_index(device)?).map_err(|e| e.to_string())?;
+        let _keep = KeepContext::new(served.is_cuda());
+        served.alloc.free(ptr as u64).map_err(|e| e.to_string())
     });
     if let Err(e) = r {
         report_once(&FREE_FAILED, &format!("gpumem: free of {ptr:p} on device {device} failed: {e} (further failures of free are not shown)"));
@@ -185,9 +174,9 @@ pub extern "C" fn gpumem_torch_empty_cache() {
         return;
     }
     let r = guarded("empty_cache", || {
-        for (_, a) in existing() {
-            let _keep = KeepContext::new(is_cuda(a));
-            a.empty_cache().map_err(|e| e.to_string())?;
+        for (_, served) in existing() {
+            let _keep = KeepContext::new(served.is_cuda());
+            served.alloc.empty_cache().map_err(|e| e.to_string())?;
         }
         Ok(())
     });
@@ -203,9 +192,9 @@ pub extern "C" fn gpumem_torch_set_fraction(fraction: f64, device: c_int) {
         return;
     }
     let r = guarded("set_per_process_memory_fraction", || {
-        let a = allocator(device_index(device)?).map_err(|e| e.to_string())?;
-        let _keep = KeepContext::new(is_cuda(a));
-        a.set_per_process_memory_fraction(fraction).map_err(|e| e.to_string())
+        let served = allocator(device_index(device)?).map_err(|e| e.to_string())?;
+        let _keep = KeepContext::new(served.is_cuda());
+        served.alloc.set_per_process_memory_fraction(fraction).map_err(|e| e.to_string())
     });
     if let Err(e) = r {
         eprintln!("gpumem: set_per_process_memory_fraction({fraction}, {device}) failed: {e}");
@@ -221,10 +210,9 @@ pub extern "C" fn gpumem_torch_record_stream(ptr: *mut c_void, stream: *mut c_vo
         return;
     }
     let _ = guarded("record_stream", || {
-        for (_, a) in existing() {
-            let _keep = KeepContext::new(is_cuda(a));
-            let sid = stream_id(a, stream);
-            if a.record_stream(ptr as u64, sid).is_ok() {
+        for (_, served) in existing() {
+            let _keep = KeepContext::new(served.is_cuda());
+            if served.alloc.record_stream(ptr as u64, served.stream_id(stream)).is_ok() {
                 break;
             }
         }
@@ -244,8 +232,8 @@ pub unsafe extern "C" fn gpumem_torch_base_alloc(ptr: *mut c_void, size: *mut us
     }
     let found = guarded("base allocation", || {
         let p = ptr as u64;
-        Ok(existing().find_map(|(_, a)| {
-            a.snapshot().into_iter().find(|s| s.address <= p && p < s.address + s.total_size)
+        Ok(existing().find_map(|(_, served)| {
+            served.alloc.snapshot().into_iter().find(|s| s.address <= p && p < s.address + s.total_size)
         }))
     });
     match found {

@@ -16,7 +16,7 @@ mod fork;
 
 use crate::allocator::{make_device, parse_policy, Inner};
 use crate::device::AnyDevice;
-use gpumem::{AllocError, Policy, StackSource};
+use gpumem::{AllocError, Policy, StackSource, StreamId};
 use parking_lot::Mutex;
 use std::sync::{Arc, OnceLock};
 
@@ -27,7 +27,34 @@ pub(crate) const MAX_DEVICES: usize = 64;
 
 /// The allocator of each device, once made; never replaced, so a reference to one stays valid
 /// and the hot path reads it without a lock.
-static ALLOCATORS: [OnceLock<Arc<Inner>>; MAX_DEVICES] = [const { OnceLock::new() }; MAX_DEVICES];
+static ALLOCATORS: [OnceLock<Served>; MAX_DEVICES] = [const { OnceLock::new() }; MAX_DEVICES];
+
+/// One device's allocator, and a clone of its device (clones share the GPU and its stream
+/// table), so that the calls from PyTorch resolve streams and contexts without the
+/// allocator's lock (`Allocator::with_device` takes it).
+pub(crate) struct Served {
+    pub(crate) alloc: Arc<Inner>,
+    device: AnyDevice,
+}
+
+impl Served {
+    /// Whether this serves a real GPU.
+    pub(crate) fn is_cuda(&self) -> bool {
+        matches!(self.device, AnyDevice::Cuda(_))
+    }
+
+    /// The device's id for a stream PyTorch passed as a raw `cudaStream_t`.
+    pub(crate) fn stream_id(&self, stream: *mut std::ffi::c_void) -> StreamId {
+        match &self.device {
+            // SAFETY: PyTorch passes its own streams, of this device's primary context, and
+            // never destroys them: its pools of streams live as long as the process
+            // (`foreign_stream_id`'s contract; `torch.cuda.ExternalStream`s must outlive their
+            // tensors' use, as they must under PyTorch's own allocator).
+            AnyDevice::Cuda(c) => unsafe { c.foreign_stream_id(stream.cast()) },
+            AnyDevice::Sim(_) => StreamId(stream as u64),
+        }
+    }
+}
 
 /// How the allocators are made, and what every new one starts with.
 struct Settings {
@@ -63,7 +90,7 @@ pub(crate) fn configure(policy: &str, device: &str, capacity: Option<u64>) -> Re
 }
 
 /// The allocator of `device`, made now if it is the first use.
-pub(crate) fn allocator(device: usize) -> Result<&'static Arc<Inner>, AllocError> {
+pub(crate) fn allocator(device: usize) -> Result<&'static Served, AllocError> {
     let slot = ALLOCATORS.get(device).ok_or_else(|| {
         AllocError::InvalidArgument(format!(
             "device index {device} is out of range (gpumem serves 0 to {})",
@@ -81,15 +108,15 @@ pub(crate) fn allocator(device: usize) -> Result<&'static Arc<Inner>, AllocError
     let kind = if s.device.is_empty() { "cuda" } else { s.device.as_str() };
     let dev = make_device(kind, device, s.capacity)
         .map_err(|e| AllocError::InvalidArgument(format!("cannot open device {device}: {e}")))?;
-    let a = Arc::new(Inner::with_policy(dev, &policy)?);
+    let a = Arc::new(Inner::with_policy(dev.clone(), &policy)?);
     if let Some((max_entries, stacks)) = s.history {
         start_history(&a, max_entries, stacks);
     }
-    Ok(slot.get_or_init(|| a))
+    Ok(slot.get_or_init(|| Served { alloc: a, device: dev }))
 }
 
 /// Every allocator made so far, with its device index.
-pub(crate) fn existing() -> impl Iterator<Item = (usize, &'static Arc<Inner>)> {
+pub(crate) fn existing() -> impl Iterator<Item = (usize, &'static Served)> {
     ALLOCATORS.iter().enumerate().filter_map(|(i, a)| a.get().map(|a| (i, a)))
 }
 
@@ -113,7 +140,7 @@ fn start_history(a: &Inner, max_entries: usize, stacks: bool) {
 pub(crate) fn record_history(setting: Option<(usize, bool)>) {
     let mut s = SETTINGS.lock();
     s.history = setting;
-    for (_, a) in existing() {
+    for (_, Served { alloc: a, .. }) in existing() {
         match setting {
             Some((max_entries, stacks)) => start_history(a, max_entries, stacks),
             None => {
@@ -127,9 +154,4 @@ pub(crate) fn record_history(setting: Option<(usize, bool)>) {
 /// The history setting of every allocator: `(max_entries, stacks)`, or `None` when off.
 pub(crate) fn history() -> Option<(usize, bool)> {
     SETTINGS.lock().history
-}
-
-/// Whether `a` serves a real GPU.
-pub(crate) fn is_cuda(a: &Inner) -> bool {
-    a.with_device(|d| matches!(d, AnyDevice::Cuda(_)))
 }
