@@ -23,13 +23,26 @@ import torch
 from gpumem import _gpumem
 
 
+def device_index(device: Any) -> int:
+    """The index of ``device`` (an int, a ``torch.device``, a string), or of the current device
+    for None or a negative index; 0 before CUDA is initialized, so that asking for stats
+    never initializes it."""
+    if device is None or (isinstance(device, int) and device < 0):
+        return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    if isinstance(device, int):
+        return device
+    return torch.device(device).index or 0
+
+
 def _device(args: tuple, kwargs: dict) -> int:
-    d = args[0] if args else kwargs.get("device", None)
-    if d is None or (isinstance(d, int) and d < 0):
-        return torch.cuda.current_device()
-    if isinstance(d, int):
-        return d
-    return torch.device(d).index or 0
+    return device_index(args[0] if args else kwargs.get("device"))
+
+
+def flat_stats(device: int) -> dict[str, int]:
+    """gpumem's counters for ``device`` under PyTorch's ``memory_stats()`` names (every key at
+    0 before the device's first allocation)."""
+    a = _gpumem._plugin_allocator(device)
+    return a.memory_stats() if a is not None else _gpumem._empty_stats()
 
 
 def _nested(flat: dict[str, int]) -> dict[str, Any]:
@@ -46,8 +59,7 @@ def _nested(flat: dict[str, int]) -> dict[str, Any]:
 
 
 def _stats(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    a = _gpumem._plugin_allocator(_device(args, kwargs))
-    return _nested(a.memory_stats() if a is not None else _gpumem._empty_stats())
+    return _nested(flat_stats(_device(args, kwargs)))
 
 
 def _reset_peak(*args: Any, **kwargs: Any) -> None:

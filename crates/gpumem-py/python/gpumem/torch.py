@@ -32,7 +32,8 @@ from typing import Any, Iterator
 
 import torch
 
-from gpumem import _gpumem
+from gpumem import _gpumem, _torch_patch
+from gpumem._torch_patch import device_index as _device_index
 
 __all__ = [
     "enable",
@@ -137,8 +138,6 @@ def enable(policy: str = "gpumem", *, patch: bool = True, **options: Any) -> Non
     # function pointers into it
     _state.update(allocator=alloc, lib=lib, policy=wanted)
     if patch:
-        from gpumem import _torch_patch
-
         _torch_patch.apply(_originals)
 
 
@@ -159,8 +158,7 @@ def allocator(device: int | None = None) -> _gpumem.Allocator | None:
 def memory_stats(device: int | None = None) -> dict[str, int]:
     """gpumem's counters for ``device`` under PyTorch's ``memory_stats()`` names (every key
     at 0 before the first allocation)."""
-    a = allocator(device)
-    return a.memory_stats() if a is not None else _gpumem._empty_stats()
+    return _torch_patch.flat_stats(_device_index(device))
 
 
 def snapshot() -> dict:
@@ -172,14 +170,6 @@ def record_history(enabled: bool = True, max_entries: int = 1_000_000, stacks: b
     """Starts recording every allocation, free and segment change on every device (with
     each allocation's Python stack if ``stacks``), or stops and forgets them."""
     _gpumem._plugin_record_history(enabled, max_entries, stacks)
-
-
-def _device_index(device: Any) -> int:
-    if device is None:
-        return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
-    if isinstance(device, int):
-        return device
-    return torch.device(device).index or 0
 
 
 def leaks(device: int | None = None) -> _gpumem.LeakReport | None:
