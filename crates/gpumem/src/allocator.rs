@@ -190,15 +190,18 @@ impl<D: Device> Allocator<D> {
         if size == 0 {
             return Ok(0);
         }
-        let Some(stack) = self.stack() else {
-            return self.checked()?.malloc(size, stream);
-        };
+        let stack = self.stack();
         let mut call = self.checked()?;
-        call.history().context = stack;
+        let with_stack = stack.is_some();
+        if let Some(stack) = stack {
+            call.history().context = stack;
+        }
         let mut r = call.malloc(size, stream);
-        call.history().context = no_frames();
+        if with_stack {
+            call.history().context = no_frames();
+        }
         if let Err(AllocError::OutOfMemory(oom)) = &mut r {
-            // with history on, name the sites that hold the most
+            // with history on (with or without stacks), name the sites that hold the most
             if self.history_on.load(Ordering::Relaxed) {
                 oom.sites = live_blocks(&mut call, |_| true).top(3).to_vec();
             }

@@ -133,6 +133,19 @@ fn out_of_memory_names_the_three_sites_that_hold_the_most() {
 }
 
 #[test]
+fn out_of_memory_with_history_but_no_stacks_still_names_what_holds_the_most() {
+    each_policy(|policy, a| {
+        a.record_history(true, 100);
+        a.malloc(600 << 20, StreamId::DEFAULT).unwrap();
+        let e = a.malloc(600 << 20, StreamId::DEFAULT).unwrap_err();
+        let AllocError::OutOfMemory(oom) = &e else { panic!("{policy}: {e}") };
+        assert_eq!(oom.sites.len(), 1, "{policy}: one site, the blocks allocated without a stack");
+        assert_eq!((oom.sites[0].count, oom.sites[0].bytes), (1, 600 << 20), "{policy}");
+        assert!(e.to_string().contains("Held the most by: 600.00 MiB in 1 block"), "{policy}: {e}");
+    });
+}
+
+#[test]
 fn out_of_memory_without_history_names_no_site() {
     each_policy(|policy, a| {
         a.malloc(600 << 20, StreamId::DEFAULT).unwrap();
