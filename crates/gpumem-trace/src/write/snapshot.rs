@@ -2,7 +2,7 @@
 //! PyTorch's own viewers (`torch.cuda._memory_viz`, pytorch.org/memory_viz) open what gpumem
 //! recorded: the segments and blocks held now, and the history of every event.
 
-use gpumem::{Action, BlockState, SegmentInfo, TraceEntry};
+use gpumem::{Action, SegmentInfo, TraceEntry};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -99,11 +99,7 @@ pub fn write_snapshot(
                     address: b.address,
                     size: b.size,
                     requested_size: b.requested_size,
-                    state: match b.state {
-                        BlockState::ActiveAllocated => "active_allocated",
-                        BlockState::ActivePendingFree => "active_pending_free",
-                        BlockState::Inactive => "inactive",
-                    },
+                    state: b.state.name(),
                     frames: frames(&b.frames),
                 })
                 .collect(),
