@@ -31,17 +31,21 @@ pub(crate) struct PyAllocator {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// The simulated device's capacity: `capacity`, or an H100's (80 GiB) by default; at most
+/// what the simulated device can hold.
+pub(crate) fn sim_capacity(capacity: Option<u64>) -> PyResult<u64> {
+    let cap = capacity.unwrap_or(H100_CAPACITY);
+    if cap == 0 || cap > MAX_SIM_CAPACITY {
+        return Err(PyValueError::new_err(format!(
+            "capacity {cap} is out of range: the simulated device holds 1 byte to {MAX_SIM_CAPACITY} bytes"
+        )));
+    }
+    Ok(cap)
+}
+
 pub(crate) fn make_device(device: &str, index: usize, capacity: Option<u64>) -> PyResult<AnyDevice> {
     match device {
-        "sim" => {
-            let cap = capacity.unwrap_or(H100_CAPACITY);
-            if cap == 0 || cap > MAX_SIM_CAPACITY {
-                return Err(PyValueError::new_err(format!(
-                    "capacity {cap} is out of range: the simulated device holds 1 byte to {MAX_SIM_CAPACITY} bytes"
-                )));
-            }
-            Ok(AnyDevice::Sim(SimDevice::new(cap)))
-        }
+        "sim" => Ok(AnyDevice::Sim(SimDevice::new(sim_capacity(capacity)?))),
         "cuda" => {
             if capacity.is_some() {
                 return Err(PyValueError::new_err(

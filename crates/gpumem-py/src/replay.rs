@@ -1,7 +1,7 @@
 //! `gpumem.replay`: a recorded trace through any policy, without a GPU.
 
-use crate::allocator::parse_policy;
-use gpumem::{Policy, SimDevice, H100_CAPACITY, MAX_SIM_CAPACITY};
+use crate::allocator::{parse_policy, sim_capacity};
+use gpumem::{Policy, SimDevice};
 use gpumem_trace::{read_trace, replay, ReplayOptions};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -20,12 +20,7 @@ pub(crate) fn _replay(
     let names: Vec<String> =
         policies.unwrap_or_else(|| Policy::NAMES.iter().map(|s| s.to_string()).collect());
     let policies = names.iter().map(|n| parse_policy(n)).collect::<PyResult<Vec<_>>>()?;
-    let cap = capacity.unwrap_or(H100_CAPACITY);
-    if cap == 0 || cap > MAX_SIM_CAPACITY {
-        return Err(PyValueError::new_err(format!(
-            "capacity {cap} is out of range: the simulated device holds 1 byte to {MAX_SIM_CAPACITY} bytes"
-        )));
-    }
+    let cap = sim_capacity(capacity)?;
     let opts = ReplayOptions { verify, ..Default::default() };
     py.detach(|| {
         let mut out = Vec::new();
