@@ -210,7 +210,9 @@ pub extern "C" fn gpumem_torch_record_stream(ptr: *mut c_void, stream: *mut c_vo
         return;
     }
     let _ = guarded("record_stream", || {
-        for (_, served) in existing() {
+        // only the devices the stream belongs to: a stream is registered with a device
+        // only if it is of that device's context (`foreign_stream_id`'s contract)
+        for (_, served) in existing().filter(|(_, s)| s.has_stream(stream)) {
             let _keep = KeepContext::new(served.is_cuda());
             if served.alloc.record_stream(ptr as u64, served.stream_id(stream)).is_ok() {
                 break;

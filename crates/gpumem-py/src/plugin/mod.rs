@@ -43,7 +43,27 @@ impl Served {
         matches!(self.device, AnyDevice::Cuda(_))
     }
 
-    /// The device's id for a stream PyTorch passed as a raw `cudaStream_t`.
+    /// Whether `stream` (a raw `cudaStream_t`; null is the legacy default stream, which
+    /// every context has) belongs to this device's context: only such a stream may be given
+    /// to [`Served::stream_id`].
+    pub(crate) fn has_stream(&self, stream: *mut std::ffi::c_void) -> bool {
+        match &self.device {
+            AnyDevice::Cuda(c) => {
+                if stream.is_null() {
+                    return true;
+                }
+                let mut ctx: cudarc::driver::sys::CUcontext = std::ptr::null_mut();
+                // SAFETY: asks the driver which context a stream handle PyTorch passed belongs
+                // to; writes only `ctx`.
+                let r = unsafe { cudarc::driver::sys::cuStreamGetCtx(stream.cast(), &mut ctx) };
+                r == cudarc::driver::sys::CUresult::CUDA_SUCCESS && ctx == c.context().cu_ctx()
+            }
+            AnyDevice::Sim(_) => true,
+        }
+    }
+
+    /// The device's id for a stream PyTorch passed as a raw `cudaStream_t`, which must be of
+    /// this device (the `device` argument of malloc, or [`Served::has_stream`]).
     pub(crate) fn stream_id(&self, stream: *mut std::ffi::c_void) -> StreamId {
         match &self.device {
             // SAFETY: PyTorch passes its own streams, of this device's primary context, and
