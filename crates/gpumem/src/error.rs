@@ -67,29 +67,24 @@ impl OutOfMemory {
     }
 }
 
-impl fmt::Display for OutOfMemory {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "GPU out of memory: tried to allocate {} (asked for {}). GPU {} has a total capacity of {} of which {} is free. ",
-            format_size(self.alloc_size),
-            format_size(self.requested),
-            self.device,
-            format_size(self.total),
-            format_size(self.free)
-        )?;
+impl OutOfMemory {
+    /// Where the memory is, after the message's first sentences (what was asked, and the
+    /// device's capacity and free memory): the cap, allocated and reserved-but-unallocated
+    /// bytes, the hint, and the sites that hold the most. PyTorch's plugin puts it after
+    /// PyTorch's own first sentences, which programs match on.
+    pub fn details(&self) -> String {
+        let mut out = String::new();
         if let Some(a) = self.allowed {
-            write!(f, "{} allowed to this process; ", format_size(a))?;
+            out += &format!("{} allowed to this process; ", format_size(a));
         }
-        write!(
-            f,
+        out += &format!(
             "Of the reserved memory {} is allocated and {} is reserved but unallocated (largest free block {}, {} of it in segments pinned by live blocks). {}",
             format_size(self.allocated),
             format_size(self.reserved_unallocated()),
             format_size(self.largest_free_block),
             format_size(self.non_releasable),
             self.hint
-        )?;
+        );
         if !self.sites.is_empty() {
             let sites: Vec<String> = self
                 .sites
@@ -99,9 +94,24 @@ impl fmt::Display for OutOfMemory {
                     format!("{} in {} {n} from {}", format_size(s.bytes), s.count, s.location())
                 })
                 .collect();
-            write!(f, " Held the most by: {}.", sites.join("; "))?;
+            out += &format!(" Held the most by: {}.", sites.join("; "));
         }
-        Ok(())
+        out
+    }
+}
+
+impl fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "GPU out of memory: tried to allocate {} (asked for {}). GPU {} has a total capacity of {} of which {} is free. {}",
+            format_size(self.alloc_size),
+            format_size(self.requested),
+            self.device,
+            format_size(self.total),
+            format_size(self.free),
+            self.details()
+        )
     }
 }
 

@@ -57,17 +57,14 @@ fn device_index(device: c_int) -> Result<usize, String> {
 fn malloc_error(size: usize, device: usize, a: Option<&Inner>, e: AllocError) -> String {
     let policy = a.map_or("?", |a| Policy::kind_name(a.policy()));
     match e {
-        AllocError::OutOfMemory(oom) => {
-            let full = oom.to_string();
-            let rest = full.split_once(" is free. ").map_or(full.as_str(), |(_, rest)| rest);
-            format!(
-                "CUDA out of memory. Tried to allocate {}. GPU {} has a total capacity of {} of which {} is free. {rest} (gpumem, {policy} policy)",
-                format_size(oom.alloc_size),
-                oom.device,
-                format_size(oom.total),
-                format_size(oom.free),
-            )
-        }
+        AllocError::OutOfMemory(oom) => format!(
+            "CUDA out of memory. Tried to allocate {}. GPU {} has a total capacity of {} of which {} is free. {} (gpumem, {policy} policy)",
+            format_size(oom.alloc_size),
+            oom.device,
+            format_size(oom.total),
+            format_size(oom.free),
+            oom.details(),
+        ),
         // PyTorch's words for an impossible size, which its own tests match on
         AllocError::TooLarge(_) => format!(
             "CUDA out of memory. Tried to allocate more than 1EB memory. (gpumem, {policy} policy: {size} bytes were asked for; check the size computation)"
